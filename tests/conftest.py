@@ -1,0 +1,25 @@
+"""Shared test helpers: the algorithm files are standalone scripts, so tests load them by path."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_algorithm(name):
+    """Import algorithms/<name>.py as a module (cached, like a normal import)."""
+    key = f"algorithm_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, ROOT / "algorithms" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        spec.loader.exec_module(module)
+    return sys.modules[key]
+
+
+@pytest.fixture(scope="session")
+def fixmatch():
+    return load_algorithm("fixmatch")

@@ -1,0 +1,307 @@
+"""Behaviour of algorithms/fixmatch.py, the template of every algorithm file (CPU, seconds)."""
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT
+
+try:
+    import sslkernels
+except ImportError:
+    sslkernels = None
+
+
+def tiny(tmp_path, *extra, name="run"):
+    """Flags of a few-step run on the generated dataset."""
+    return ["--dataset", "synthetic", "--labels", "8", "--batch-size", "8", "--uratio", "2",
+            "--total-steps", "4", "--eval-every", "2", "--log-every", "2", "--workers", "0",
+            "--output-dir", str(tmp_path / name), *extra]
+
+
+@pytest.mark.parametrize("extra", [
+    [],
+    ["--labeled-only"],
+    ["--val-labels", "8", "--exclude-labeled"],
+    ["--n1", "12", "--m1", "30", "--gamma-l", "4", "--gamma-u", "4"],
+    ["--workers", "2", "--tensorboard"],
+    ["--no-channels-last", "--net", "wrn28_2", "--total-steps", "2"],
+])
+def test_code_paths_run_and_write_outputs(fixmatch, tmp_path, extra):
+    summary = fixmatch.train(fixmatch.parse_args(tiny(tmp_path, *extra)))
+    out = tmp_path / "run"
+    assert summary["finished"] and summary["steps"] == summary["args"]["total_steps"]
+    assert 0.0 <= summary["top1"] <= 1.0 and summary["seconds_per_step"] > 0
+    assert json.loads((out / "summary.json").read_text())["best_top1"] == summary["best_top1"]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {r["kind"] for r in records} == {"train", "eval"}
+    train = [r for r in records if r["kind"] == "train"]
+    if "--labeled-only" in extra:
+        assert "mask_rate" not in train[0]
+    else:
+        assert 0.0 <= train[0]["mask_rate"] <= 1.0 and "pseudo_label_acc_all" in train[0]
+    if "--val-labels" in extra:
+        assert "val_top1" in records[-1]
+    assert (out / "checkpoint.pt").exists() and not (out / "checkpoint.pt.tmp").exists()
+
+
+def test_fixmatch_learns_the_generated_data(fixmatch, tmp_path):
+    """Not a smoke test: 60 steps on the easy generated data must beat chance (25%) by far."""
+    summary = fixmatch.train(fixmatch.parse_args(tiny(
+        tmp_path, "--total-steps", "60", "--eval-every", "60", "--log-every", "30", "--ema", "0.9")))
+    assert summary["top1"] >= 0.9
+    last = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-2]
+    assert last["mask_rate"] > 0.5 and last["pseudo_label_acc"] > 0.9
+
+
+def split(fixmatch, y, classes, *flags, seed=0):
+    args = fixmatch.parse_args(["--dataset", "synthetic", *flags])
+    return fixmatch.split_labeled(y, classes, args, np.random.default_rng(seed))
+
+
+def test_balanced_split_counts(fixmatch):
+    y = np.repeat(np.arange(5), 30)
+    labeled, unlabeled, val = split(fixmatch, y, 5, "--labels", "20", "--val-labels", "10")
+    assert np.bincount(y[labeled]).tolist() == [4] * 5 and np.bincount(y[val]).tolist() == [2] * 5
+    assert len(set(labeled) | set(val) | set(unlabeled)) == 150  # labeled samples are also unlabeled
+    assert not set(val) & set(unlabeled) and set(labeled) <= set(unlabeled)
+    _, unl_ex, _ = split(fixmatch, y, 5, "--labels", "20", "--exclude-labeled")
+    assert len(unl_ex) == 130 and not set(labeled) & set(unl_ex)
+    again = split(fixmatch, y, 5, "--labels", "20", "--val-labels", "10")
+    other = split(fixmatch, y, 5, "--labels", "20", "--val-labels", "10", seed=1)
+    assert np.array_equal(again[0], labeled) and not np.array_equal(other[0], labeled)
+
+
+def test_imbalanced_split_follows_meta_t_formula(fixmatch):
+    """N_c = N_1 * gamma_l^(-(c-1)/(C-1)), M_c = M_1 * gamma_u^(-(c-1)/(C-1)) (Meta-T Sec. 5.3)."""
+    y = np.repeat(np.arange(10), 500)
+    labeled, unlabeled, _ = split(fixmatch, y, 10, "--n1", "150", "--m1", "300", "--gamma-l", "100",
+                                  "--gamma-u", "10", "--exclude-labeled")
+    n = np.bincount(y[labeled], minlength=10)
+    m = np.bincount(y[unlabeled], minlength=10)
+    assert n.tolist() == [int(150 * 100 ** (-c / 9)) for c in range(10)] and n[0] == 150 and n[-1] == 1
+    assert m.tolist() == [int(300 * 10 ** (-c / 9)) for c in range(10)] and m[-1] == 30
+
+
+def test_batches_are_a_function_of_seed_and_step(fixmatch, tmp_path):
+    x, y, *_ = fixmatch.make_synthetic()
+    args = fixmatch.parse_args(tiny(tmp_path, "--total-steps", "10"))
+    lab, unl = np.arange(8), np.arange(len(x))
+    a = fixmatch.TrainBatches(x, y, lab, unl, args, True, 0)
+    b = fixmatch.TrainBatches(x, y, lab, unl, args, True, 5)  # a resumed run starting at step 5
+    for key in ("x_l", "y_l", "x_uw", "x_us", "idx_u"):
+        assert torch.equal(a[7][key], b[2][key])
+    assert not torch.equal(a[7]["x_us"], a[8]["x_us"])
+    # the labeled batch cycles through epochs: every labeled sample appears once per epoch
+    assert sorted(fixmatch.sample_indices(8, 8, 3, 0, 0).tolist()) == list(range(8))
+
+
+def test_augmentations_keep_shape_and_dtype(fixmatch):
+    import random
+    rng = random.Random(0)
+    for shape in [(8, 8, 1), (32, 32, 3)]:
+        img = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+        for _ in range(20):
+            for aug in (fixmatch.weak_augment, fixmatch.strong_augment):
+                out = aug(img, rng, True)
+                assert out.shape == shape and out.dtype == np.uint8
+
+
+def state_tensors(ckpt):
+    yield from ckpt["model"].items()
+    yield from ckpt["ema_model"].items()
+    for i, s in ckpt["optimizer"]["state"].items():
+        yield f"momentum{i}", s["momentum_buffer"]
+
+
+def test_resume_is_bitwise_equal_to_an_uninterrupted_run(fixmatch, tmp_path):
+    common = ["--total-steps", "7", "--eval-every", "3"]
+    full = fixmatch.train(fixmatch.parse_args(tiny(tmp_path, *common, name="full")))
+    # interrupted after 4 steps (loaded with workers this time), then resumed from its checkpoint
+    fixmatch.train(fixmatch.parse_args(tiny(tmp_path, *common, "--stop-after", "4", "--workers", "2", name="cut")))
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["step"] == 4
+    resumed = fixmatch.train(fixmatch.parse_args(tiny(tmp_path, *common, "--resume", str(tmp_path / "cut"),
+                                                      name="cut")))
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    assert a["step"] == b["step"] == 7
+    for (name, ta), (_, tb) in zip(state_tensors(a), state_tensors(b), strict=True):
+        assert torch.equal(ta, tb), name
+    assert resumed["top1"] == full["top1"]
+    steps = [json.loads(l)["step"] for l in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [json.loads(l)["step"] for l in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_checkpoint_write_is_atomic(fixmatch, tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    fixmatch.save_checkpoint(path, {"model": {"w": torch.ones(2)}})
+
+    def crash(obj, f):
+        open(f, "wb").write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        fixmatch.save_checkpoint(path, {"model": {"w": torch.zeros(2)}})
+    assert torch.equal(torch.load(path)["model"]["w"], torch.ones(2))
+
+
+def error_of(fixmatch, argv):
+    with pytest.raises(SystemExit) as e:
+        fixmatch.main(argv)
+    msg = str(e.value.code)
+    assert msg.startswith("fixmatch.py: error: ") and "\n" not in msg
+    return msg
+
+
+def test_bad_input_gets_one_clear_line(fixmatch, tmp_path):
+    assert "unknown --dataset 'mnist'" in error_of(fixmatch, tiny(tmp_path, "--dataset", "mnist"))
+    assert "multiple of the 4 classes" in error_of(fixmatch, tiny(tmp_path, "--labels", "10"))
+    assert "fewer than the 100 labeled" in error_of(fixmatch, tiny(tmp_path, "--labels", "400"))
+    assert "unknown --net" in error_of(fixmatch, tiny(tmp_path, "--net", "resnet"))
+    assert "--batch-size must be positive" in error_of(fixmatch, tiny(tmp_path, "--batch-size", "0"))
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert "corrupt or not a checkpoint" in error_of(fixmatch, tiny(tmp_path, "--resume", str(bad)))
+    assert "no checkpoint file" in error_of(fixmatch, tiny(tmp_path, "--resume", str(tmp_path / "none")))
+    assert "needs class folders" in error_of(fixmatch, tiny(tmp_path, "--dataset", "folder", "--data-dir",
+                                                          str(tmp_path)))
+    # resuming with flags that define another run is refused
+    fixmatch.train(fixmatch.parse_args(tiny(tmp_path, "--total-steps", "2", name="r")))
+    msg = error_of(fixmatch, tiny(tmp_path, "--seed", "3", "--resume", str(tmp_path / "r"), name="r"))
+    assert "trained with --seed 0" in msg
+
+
+def test_command_line_error_has_no_traceback():
+    p = subprocess.run([sys.executable, str(ROOT / "algorithms" / "fixmatch.py"), "--dataset", "mnist"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines() == [p.stderr.strip()] and "unknown --dataset" in p.stderr
+
+
+def test_missing_torchvision_data_offline_says_where_to_put_it(fixmatch, tmp_path, monkeypatch):
+    import torchvision.datasets as tvd
+
+    def offline(*a, **kw):
+        raise RuntimeError("Dataset not found" if not kw.get("download") else "URLError: no network")
+
+    monkeypatch.setattr(tvd, "CIFAR10", offline)
+    msg = error_of(fixmatch, tiny(tmp_path, "--dataset", "cifar10", "--data-dir", str(tmp_path / "d")))
+    assert "could not load cifar10" in msg and str(tmp_path / "d") in msg and "--dataset digits" in msg
+
+
+def test_folder_dataset(fixmatch, tmp_path):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("test", 2)):
+        for c, colour in enumerate(["red", "blue"]):
+            d = tmp_path / "data" / split / colour
+            d.mkdir(parents=True)
+            for i in range(n):
+                arr = rng.integers(0, 80, (12, 10, 3), dtype=np.uint8)
+                arr[..., 0 if c == 0 else 2] += 150
+                Image.fromarray(arr).save(d / f"{i}.png")
+    (tmp_path / "data" / "train" / "red" / "broken.png").write_bytes(b"nope")
+    argv = tiny(tmp_path, "--dataset", "folder", "--data-dir", str(tmp_path / "data"), "--labels", "4",
+                "--image-size", "8")
+    assert "cannot read image" in error_of(fixmatch, argv)
+    (tmp_path / "data" / "train" / "red" / "broken.png").unlink()
+    summary = fixmatch.train(fixmatch.parse_args(argv))
+    assert summary["finished"] and len(summary["per_class_acc"]) == 2
+
+
+def test_digits_is_offline_with_a_fixed_test_split(fixmatch):
+    train_x, train_y, test_x, test_y, _ = fixmatch.load_digits()
+    assert train_x.shape == (1300, 8, 8, 1) and test_x.shape == (497, 8, 8, 1) and train_x.dtype == np.uint8
+    assert np.bincount(test_y).min() >= 48 and train_x.max() == 255
+    assert np.array_equal(fixmatch.load_digits()[3], test_y)
+
+
+@pytest.mark.parametrize("net,size,channels", [("wrn28_2", 32, 3), ("wrn37_2", 32, 3), ("convlarge", 32, 3),
+                                               ("cnn_small", 8, 1)])
+def test_networks_expose_features_and_head(fixmatch, net, size, channels):
+    model = fixmatch.NETS[net](channels, 7).eval()
+    x = torch.randn(2, channels, size, size)
+    feats = model.features(x)
+    assert feats.ndim == 2 and isinstance(model.head, torch.nn.Linear)
+    assert torch.allclose(model.head(feats), model(x))
+    if net.startswith("wrn"):
+        bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        assert all(m.momentum == 0.001 for m in bns)
+        assert all(isinstance(m, torch.nn.LeakyReLU) and m.negative_slope == 0.1
+                   for m in model.modules() if isinstance(m, torch.nn.LeakyReLU))
+
+
+def test_weight_decay_skips_batchnorm_and_bias(fixmatch):
+    args = fixmatch.parse_args(["--weight-decay", "5e-4", "--total-steps", "100"])
+    model = fixmatch.SmallCNN(1, 10)
+    opt, sched = fixmatch.make_optimizer(model, args)
+    decayed = {id(p) for p in opt.param_groups[0]["params"]}
+    layers = (torch.nn.Conv2d, torch.nn.Linear)
+    expected = {id(m.weight) for m in model.modules() if isinstance(m, layers)}
+    assert decayed == expected and len(opt.param_groups[1]["params"]) == len(list(model.parameters())) - len(expected)
+    assert opt.param_groups[1]["weight_decay"] == 0 and opt.defaults["nesterov"]
+    for _ in range(50):
+        opt.step()
+        sched.step()
+    assert math.isclose(sched.get_last_lr()[0], 0.03 * math.cos(7 * math.pi * 50 / 1600))
+
+
+def test_ema_update(fixmatch):
+    model, ema = torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    with torch.no_grad():
+        model.weight.fill_(2.0)
+        model.running_mean.fill_(5.0)
+    fixmatch.ema_update(ema, model, 0.9)
+    assert torch.allclose(ema.weight, torch.full((3,), 1.1)) and torch.equal(ema.running_mean, model.running_mean)
+
+
+def test_evaluate_reports_per_class_and_balanced_accuracy(fixmatch):
+    class Fixed(torch.nn.Module):  # predicts class 0 for everything
+        def forward(self, x):
+            return torch.stack([torch.ones(len(x)), torch.zeros(len(x))], 1)
+    labels = torch.tensor([0, 0, 0, 1])
+    images = torch.zeros(4, 2, 2, 1, dtype=torch.uint8)
+    args = fixmatch.parse_args(["--eval-batch-size", "3"])
+    res = fixmatch.evaluate(Fixed(), images, labels, 2, args, lambda x: x.float(), torch.no_grad)
+    assert res["top1"] == 0.75 and res["per_class_acc"] == [1.0, 0.0] and res["balanced_acc"] == 0.5
+
+
+# --- the fused loss and its pure-PyTorch fallback -------------------------------------------
+needs_extension = pytest.mark.skipif(sslkernels is None, reason="sslkernels extension not built")
+
+
+@needs_extension
+@pytest.mark.parametrize("beta,tau", [(math.inf, 0.6), (100.0, 0.6), (100.0, "per-sample")])
+def test_extension_and_fallback_give_the_same_loss_and_gradients(fixmatch, beta, tau):
+    assert fixmatch.masked_ce is sslkernels.masked_ce
+    torch.manual_seed(0)
+    logits_s = torch.randn(64, 10, dtype=torch.float64) * 3
+    probs_w = torch.softmax(torch.randn(64, 10, dtype=torch.float64) * 3, 1)
+    tau = torch.rand(64, dtype=torch.float64) if tau == "per-sample" else tau
+    results = []
+    for fn in (sslkernels.masked_ce, fixmatch.masked_ce_reference):
+        z = logits_s.clone().requires_grad_()
+        t = tau.clone().requires_grad_() if torch.is_tensor(tau) else tau
+        loss, mask, pseudo = fn(z, probs_w, t, beta)
+        loss.sum().backward()
+        results.append((loss, mask, pseudo, z.grad, t.grad if torch.is_tensor(t) else None))
+    for a, b in zip(*results):
+        assert (a is None and b is None) or torch.allclose(a, b, atol=1e-10), (a, b)
+
+
+@needs_extension
+def test_training_with_the_fallback_matches_the_extension(fixmatch, tmp_path, monkeypatch):
+    a = fixmatch.train(fixmatch.parse_args(tiny(tmp_path, name="ext")))
+    monkeypatch.setattr(fixmatch, "masked_ce", fixmatch.masked_ce_reference)
+    b = fixmatch.train(fixmatch.parse_args(tiny(tmp_path, name="ref")))
+    wa = torch.load(tmp_path / "ext" / "checkpoint.pt", weights_only=False)["model"]
+    wb = torch.load(tmp_path / "ref" / "checkpoint.pt", weights_only=False)["model"]
+    for k in wa:
+        assert torch.allclose(wa[k].float(), wb[k].float(), atol=1e-5), k
+    assert a["top1"] == b["top1"]
