@@ -1,0 +1,483 @@
+"""Tests of the compiled ops in `sslkernels` against their plain-PyTorch definitions.
+
+Every test runs on CPU and has a CUDA twin (``device`` parameter) that runs when a GPU and the
+compiled CUDA kernels are both present and is skipped otherwise.
+"""
+
+import importlib.util
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import sslkernels  # a missing build must fail the tests, not skip them
+from sslkernels import reference
+
+ROOT = Path(__file__).resolve().parent.parent
+
+CUDA_OK = torch.cuda.is_available() and sslkernels.cuda_kernels_available()
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not CUDA_OK, reason="needs a GPU and the compiled CUDA kernels")),
+]
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+# (rtol, atol) for values that went through one rounding to the output dtype.
+TOL = {
+    torch.float64: (1e-9, 1e-9),
+    torch.float32: (2e-5, 2e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+LAYOUTS = ["contiguous", "transposed", "strided_columns", "strided_rows"]
+
+# SSL_HYPOTHESIS_EXAMPLES=2000 for a longer search than CI's.
+HYPOTHESIS = settings(
+    max_examples=int(os.environ.get("SSL_HYPOTHESIS_EXAMPLES", "100")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+
+def layout(t, kind):
+    """The values of t (2-D) in the memory layout `kind`, on t's device."""
+    n, c = t.shape
+    if kind == "contiguous":
+        return t.contiguous()
+    if kind == "transposed":  # column-major: unit stride along the rows
+        return t.t().contiguous().t()
+    if kind == "strided_columns":  # stride 2 along the classes
+        wide = torch.zeros(n, 2 * c, dtype=t.dtype, device=t.device)
+        wide[:, ::2] = t
+        return wide[:, ::2]
+    if kind == "strided_rows":  # every other row of a larger buffer
+        tall = torch.zeros(2 * n, c, dtype=t.dtype, device=t.device)
+        tall[::2] = t
+        return tall[::2]
+    raise ValueError(kind)
+
+
+def random_probs(n, c, gen, sharpness=3.0, ties=False):
+    probs = torch.softmax(torch.randn(n, c, generator=gen) * sharpness, dim=1)
+    if ties and n > 0:
+        probs[::3] = 1.0 / c  # whole rows tied: argmax must be the first index
+    return probs
+
+
+def assert_close(actual, expected, dtype, scale=1.0):
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), rtol=rtol, atol=atol * scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# masked_ce
+
+
+@st.composite
+def masked_ce_cases(draw):
+    return dict(
+        n=draw(st.integers(0, 48)),
+        c=draw(st.integers(1, 40)),
+        dtype=draw(st.sampled_from(DTYPES)),
+        layout_s=draw(st.sampled_from(LAYOUTS)),
+        layout_w=draw(st.sampled_from(LAYOUTS)),
+        logit_scale=draw(st.sampled_from([1.0, 30.0, 1e4])),
+        beta=draw(st.sampled_from([math.inf, 0.0, 5.0, 100.0])),
+        tau_kind=draw(st.sampled_from(["float", "scalar_tensor", "per_sample"])),
+        tau_float32=draw(st.booleans()),
+        ties=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+def make_masked_ce_inputs(case, device, requires_grad=False):
+    gen = torch.Generator().manual_seed(case["seed"])
+    n, c, dtype = case["n"], case["c"], case["dtype"]
+    logits = (torch.randn(n, c, generator=gen) * case["logit_scale"]).to(dtype).to(device)
+    probs = random_probs(n, c, gen, ties=case["ties"]).to(dtype).to(device)
+    tau_dtype = torch.float32 if case["tau_float32"] else dtype
+    if case["tau_kind"] == "float":
+        tau = float(torch.rand(1, generator=gen))
+    elif case["tau_kind"] == "scalar_tensor":
+        tau = torch.rand((), generator=gen).to(tau_dtype).to(device)
+    else:
+        tau = torch.rand(n, generator=gen).to(tau_dtype).to(device)
+    logits = layout(logits, case["layout_s"])
+    probs = layout(probs, case["layout_w"])
+    if requires_grad:
+        logits.requires_grad_(True)
+        if isinstance(tau, torch.Tensor):
+            tau.requires_grad_(True)
+    return logits, probs, tau
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@HYPOTHESIS
+@given(case=masked_ce_cases())
+def test_masked_ce_matches_reference(device, case):
+    logits, probs, tau = make_masked_ce_inputs(case, device)
+    loss, mask, pseudo = sslkernels.masked_ce(logits, probs, tau, case["beta"])
+    ref_loss, ref_mask, ref_pseudo = reference.masked_ce(logits, probs, tau, case["beta"])
+    assert loss.shape == mask.shape == pseudo.shape == (case["n"],)
+    assert loss.dtype == mask.dtype == case["dtype"] and pseudo.dtype == torch.int64
+    assert loss.device == logits.device
+    torch.testing.assert_close(pseudo.cpu(), ref_pseudo.cpu(), rtol=0, atol=0)
+    assert_close(mask, ref_mask, case["dtype"])
+    # CE of logits of size s is O(s): the absolute tolerance scales with it.
+    assert_close(loss, ref_loss, case["dtype"], scale=case["logit_scale"])
+
+
+def reference_grads(fn, logits, probs, tau, beta, w_loss, w_mask):
+    loss, mask, _ = fn(logits, probs, tau, beta)
+    objective = (loss.double() * w_loss).sum() + (mask.double() * w_mask).sum()
+    inputs = [logits] + ([tau] if isinstance(tau, torch.Tensor) else [])
+    grads = torch.autograd.grad(objective, inputs, allow_unused=True)
+    # The reference's hard mask does not depend on tau at all: its gradient is zero.
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@HYPOTHESIS
+@given(case=masked_ce_cases(), use_mask=st.booleans())
+def test_masked_ce_gradients_match_reference(device, case, use_mask):
+    if case["n"] == 0:
+        case["n"] = 3
+    case["logit_scale"] = min(case["logit_scale"], 30.0)  # gradients of saturated softmaxes are 0/1
+    logits, probs, tau = make_masked_ce_inputs(case, device, requires_grad=True)
+    gen = torch.Generator().manual_seed(case["seed"] + 1)
+    w_loss = torch.randn(case["n"], generator=gen, dtype=torch.float64).to(device)
+    w_mask = (torch.randn(case["n"], generator=gen, dtype=torch.float64) if use_mask else torch.zeros(case["n"], dtype=torch.float64)).to(device)
+    got = reference_grads(sslkernels.masked_ce, logits, probs, tau, case["beta"], w_loss, w_mask)
+    want = reference_grads(reference.masked_ce, logits, probs, tau, case["beta"], w_loss, w_mask)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        # The tau gradient of a sharp sigmoid scales with beta.
+        assert_close(g, w, case["dtype"], scale=max(1.0, case["beta"] if math.isfinite(case["beta"]) else 1.0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("tau_shape", ["per_sample", "scalar"])
+@pytest.mark.parametrize("beta", [7.0, 0.5])
+def test_masked_ce_gradcheck_and_gradgradcheck(device, tau_shape, beta):
+    gen = torch.Generator().manual_seed(0)
+    n, c = 6, 5
+    logits = torch.randn(n, c, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    probs = random_probs(n, c, gen).double().to(device)
+    shape = (n,) if tau_shape == "per_sample" else ()
+    tau = (torch.rand(shape, generator=gen, dtype=torch.float64) * 0.6 + 0.2).to(device).requires_grad_()
+
+    def fn(logits, tau):
+        loss, mask, _ = sslkernels.masked_ce(logits, probs, tau, beta)
+        return loss, mask
+
+    assert torch.autograd.gradcheck(fn, (logits, tau))
+    assert torch.autograd.gradgradcheck(fn, (logits, tau))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_masked_ce_hard_mask_gradcheck(device):
+    gen = torch.Generator().manual_seed(1)
+    n, c = 6, 5
+    logits = torch.randn(n, c, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    probs = random_probs(n, c, gen).double().to(device)
+    # Thresholds away from every conf: the hard mask is locally constant, d/dtau = 0.
+    conf = probs.max(dim=1).values
+    tau = torch.where(torch.arange(n, device=device) % 2 == 0, conf - 0.05, conf + 0.05).requires_grad_()
+
+    def fn(logits, tau):
+        loss, mask, _ = sslkernels.masked_ce(logits, probs, tau, math.inf)
+        return loss, mask
+
+    assert torch.autograd.gradcheck(fn, (logits, tau))
+    assert torch.autograd.gradgradcheck(fn, (logits, tau))
+    loss, mask, _ = sslkernels.masked_ce(logits, probs, tau, math.inf)
+    assert torch.equal(mask, (conf >= tau).double())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_masked_ce_meta_gradient_matches_reference(device):
+    """Meta-T's exact virtual step: tau's gradient through grad_w L_u(w, tau) (create_graph)."""
+    gen = torch.Generator().manual_seed(2)
+    n, d, c, alpha, beta = 12, 7, 4, 0.3, 50.0
+    x = torch.randn(n, d, generator=gen, dtype=torch.float64).to(device)
+    w = torch.randn(d, c, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    probs = random_probs(n, c, gen).double().to(device)
+    x_l = torch.randn(5, d, generator=gen, dtype=torch.float64).to(device)
+    y_l = torch.randint(0, c, (5,), generator=gen).to(device)
+    tau0 = (torch.rand(n, generator=gen, dtype=torch.float64) * 0.5 + 0.25).to(device)
+
+    def meta_grad(fn):
+        tau = tau0.clone().requires_grad_()
+        loss, _, _ = fn(x @ w, probs, tau, beta)
+        (g,) = torch.autograd.grad(loss.mean(), w, create_graph=True)
+        meta_loss = torch.nn.functional.cross_entropy(x_l @ (w - alpha * g), y_l)
+        return torch.autograd.grad(meta_loss, tau)[0]
+
+    torch.testing.assert_close(meta_grad(sslkernels.masked_ce), meta_grad(reference.masked_ce), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_masked_ce_probs_w_gets_no_gradient(device):
+    logits = torch.randn(4, 3, device=device, requires_grad=True)
+    probs = torch.softmax(torch.randn(4, 3, device=device), 1).requires_grad_()
+    loss, _, _ = sslkernels.masked_ce(logits, probs, 0.3, 10.0)
+    loss.sum().backward()
+    assert probs.grad is None and logits.grad is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# class_confidence
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@HYPOTHESIS
+@given(
+    m=st.sampled_from([0, 1, 2, 7, 64, 300, 2500, 5000]),
+    c=st.integers(1, 24),
+    dtype=st.sampled_from(DTYPES),
+    kind=st.sampled_from(LAYOUTS),
+    ties=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_class_confidence_matches_reference(device, m, c, dtype, kind, ties, seed):
+    gen = torch.Generator().manual_seed(seed)
+    probs = layout(random_probs(m, c, gen, ties=ties).to(dtype).to(device), kind)
+    mean, counts = sslkernels.class_confidence(probs)
+    ref_mean, ref_counts = reference.class_confidence(probs)
+    assert mean.shape == (c, c) and mean.dtype == dtype and counts.dtype == torch.int64
+    torch.testing.assert_close(counts.cpu(), ref_counts.cpu(), rtol=0, atol=0)
+    assert_close(mean, ref_mean, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_class_confidence_empty_classes_and_empty_input(device):
+    c = 5
+    mean, counts = sslkernels.class_confidence(torch.empty(0, c, device=device))
+    assert torch.equal(counts.cpu(), torch.zeros(c, dtype=torch.int64))
+    torch.testing.assert_close(mean.cpu(), torch.full((c, c), 1.0 / c))
+    probs = torch.tensor([[0.7, 0.2, 0.1, 0.0, 0.0], [0.5, 0.3, 0.2, 0.0, 0.0], [0.1, 0.1, 0.8, 0.0, 0.0]], device=device)
+    mean, counts = sslkernels.class_confidence(probs)
+    assert counts.tolist() == [2, 0, 1, 0, 0]
+    torch.testing.assert_close(mean[0].cpu(), torch.tensor([0.6, 0.25, 0.15, 0.0, 0.0]))
+    torch.testing.assert_close(mean[2].cpu(), probs[2].cpu())
+    for empty in (1, 3, 4):
+        torch.testing.assert_close(mean[empty].cpu(), torch.full((c,), 0.2))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_class_confidence_is_deterministic(device):
+    gen = torch.Generator().manual_seed(3)
+    probs = random_probs(20000, 10, gen).to(device)
+    first = sslkernels.class_confidence(probs)
+    for _ in range(3):
+        again = sslkernels.class_confidence(probs)
+        assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+
+
+def test_class_confidence_does_not_depend_on_thread_count():
+    gen = torch.Generator().manual_seed(4)
+    probs = random_probs(30000, 10, gen)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = sslkernels.class_confidence(probs)[0]
+        torch.set_num_threads(max(2, threads))
+        many = sslkernels.class_confidence(probs)[0]
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, many)
+
+
+# ---------------------------------------------------------------------------------------------
+# fd_pseudo_label
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@HYPOTHESIS
+@given(
+    n=st.integers(0, 40),
+    c=st.sampled_from([1, 2, 3, 10, 33, 100, 130]),
+    dtype=st.sampled_from(DTYPES),
+    kinds=st.tuples(*[st.sampled_from(LAYOUTS)] * 3),
+    logit_scale=st.sampled_from([1.0, 30.0, 1e4]),
+    eps=st.sampled_from([1e-3, 0.01, 0.5]),
+    step=st.sampled_from([0.0, 1e-3, 0.1, 3.0]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_fd_pseudo_label_matches_reference(device, n, c, dtype, kinds, logit_scale, eps, step, seed):
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, c, generator=gen) * logit_scale
+    plus = layout((base + torch.randn(n, c, generator=gen) * 0.01).to(dtype).to(device), kinds[0])
+    minus = layout((base - torch.randn(n, c, generator=gen) * 0.01).to(dtype).to(device), kinds[1])
+    y_tilde = layout(random_probs(n, c, gen).to(dtype).to(device), kinds[2])
+    y_hat = sslkernels.fd_pseudo_label(plus, minus, y_tilde, eps, step)
+    expected = reference.fd_pseudo_label(plus, minus, y_tilde, eps, step)
+    assert y_hat.shape == (n, c) and y_hat.dtype == dtype
+    # The update amplifies softmax rounding by step / eps before renormalising.
+    assert_close(y_hat, expected, dtype, scale=max(1.0, 0.05 * step / eps))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fd_pseudo_label_rows_sum_to_one_and_zero_rows_stay_zero(device):
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(6, 4, generator=gen).to(device)
+    y_tilde = random_probs(6, 4, gen).to(device)
+    y_tilde[2] = 0.0  # no gradient on this row (plus == minus): relu(0) stays all zero
+    y_hat = sslkernels.fd_pseudo_label(logits, logits, y_tilde, 0.01, 0.5)
+    assert torch.equal(y_hat[2].cpu(), torch.zeros(4))
+    rows = torch.tensor([0, 1, 3, 4, 5])
+    torch.testing.assert_close(y_hat[rows.to(device)].sum(1).cpu(), torch.ones(5))
+    assert (y_hat >= 0).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom-operator machinery: opcheck and torch.compile
+
+
+def opcheck_cases(device):
+    gen = torch.Generator().manual_seed(6)
+    logits = torch.randn(9, 5, generator=gen).to(device)
+    probs = random_probs(9, 5, gen).to(device)
+    tau = torch.rand(9, generator=gen).to(device)
+    cases = [
+        (torch.ops.sslkernels.masked_ce.default, (logits.requires_grad_(), probs, tau.requires_grad_(), 0.0, 20.0)),
+        (torch.ops.sslkernels.masked_ce.default, (logits.detach().requires_grad_(), probs, None, 0.4, math.inf)),
+        (torch.ops.sslkernels.masked_ce.default, (logits.detach().double(), probs.double(), torch.tensor(0.3, device=device), 0.0, 3.0)),
+        (torch.ops.sslkernels.class_confidence.default, (probs,)),
+        (torch.ops.sslkernels.class_confidence.default, (probs.half(),)),
+        (torch.ops.sslkernels.fd_pseudo_label.default, (logits.detach(), logits.detach() + 0.01, probs, 0.01, 0.1)),
+    ]
+    _, _, pseudo, aux = torch.ops.sslkernels.masked_ce.default(logits.detach(), probs, tau.detach(), 0.0, 20.0)
+    cases.append(
+        (
+            torch.ops.sslkernels.masked_ce_backward.default,
+            (torch.ones(9, device=device), None, logits.detach(), pseudo, aux, tau.detach(), 0.0, 20.0),
+        )
+    )
+    return cases
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    for op, args in opcheck_cases(device):
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(device):
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(7)
+    logits = torch.randn(16, 6, generator=gen).to(device)
+    probs = random_probs(16, 6, gen).to(device)
+    tau0 = torch.rand(16, generator=gen).to(device)
+
+    def step(ops, logits, tau):
+        loss, mask, _ = ops.masked_ce(logits, probs, tau, 25.0)
+        mean, counts = ops.class_confidence(probs)
+        y_hat = ops.fd_pseudo_label(logits.detach(), logits.detach() * 1.01, probs, 0.01, 0.1)
+        return loss.mean() + mask.mean(), mean, counts, y_hat
+
+    compiled = torch.compile(lambda z, t: step(sslkernels, z, t), backend="aot_eager", fullgraph=True)
+    results = []
+    for fn in (compiled, lambda z, t: step(reference, z, t)):
+        z, t = logits.clone().requires_grad_(), tau0.clone().requires_grad_()
+        objective, *outputs = fn(z, t)
+        objective.backward()
+        results.append((objective.detach(), z.grad, t.grad, *outputs))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_inputs_raise_clear_errors(device):
+    z = torch.randn(4, 3, device=device)
+    p = torch.softmax(torch.randn(4, 3, device=device), 1)
+    with pytest.raises(ValueError, match="logits_s must be a 2-D"):
+        sslkernels.masked_ce(z[0], p, 0.5, 10.0)
+    with pytest.raises(ValueError, match="probs_w must have the shape of logits_s"):
+        sslkernels.masked_ce(z, p[:3], 0.5, 10.0)
+    with pytest.raises(TypeError, match="probs_w must have the dtype of logits_s"):
+        sslkernels.masked_ce(z, p.double(), 0.5, 10.0)
+    with pytest.raises(TypeError, match="logits_s must be float16, bfloat16, float32 or float64"):
+        sslkernels.masked_ce(z.long(), p.long(), 0.5, 10.0)
+    with pytest.raises(ValueError, match=r"tau must be .* length N = 4"):
+        sslkernels.masked_ce(z, p, torch.rand(5, device=device), 10.0)
+    with pytest.raises(ValueError, match=r"tau must be .* length N = 4"):
+        sslkernels.masked_ce(z, p, torch.rand(4, 1, device=device), 10.0)
+    with pytest.raises(TypeError, match="tau must be a float or a floating-point tensor"):
+        sslkernels.masked_ce(z, p, torch.ones(4, dtype=torch.long, device=device), 10.0)
+    with pytest.raises(TypeError, match="tau must be a float or a tensor"):
+        sslkernels.masked_ce(z, p, [0.5] * 4, 10.0)
+    with pytest.raises(ValueError, match="beta must be >= 0"):
+        sslkernels.masked_ce(z, p, 0.5, float("nan"))
+    with pytest.raises(ValueError, match="beta must be >= 0"):
+        sslkernels.masked_ce(z, p, 0.5, -1.0)
+    with pytest.raises(ValueError, match="tau is NaN"):
+        sslkernels.masked_ce(z, p, float("nan"), 1.0)
+    with pytest.raises(ValueError, match="at least one class"):
+        sslkernels.masked_ce(torch.empty(4, 0, device=device), torch.empty(4, 0, device=device), 0.5, 1.0)
+
+    with pytest.raises(ValueError, match="probs must be a 2-D"):
+        sslkernels.class_confidence(p[0])
+    with pytest.raises(TypeError, match="probs must be float16, bfloat16, float32 or float64"):
+        sslkernels.class_confidence(p.long())
+    with pytest.raises(ValueError, match="at least one class"):
+        sslkernels.class_confidence(torch.empty(4, 0, device=device))
+
+    with pytest.raises(ValueError, match="logits_minus must have the shape of y_tilde"):
+        sslkernels.fd_pseudo_label(z, z[:2], p, 0.01, 0.1)
+    with pytest.raises(TypeError, match="logits_plus must have the dtype of y_tilde"):
+        sslkernels.fd_pseudo_label(z.half(), z, p, 0.01, 0.1)
+    with pytest.raises(ValueError, match="y_tilde must be a 2-D"):
+        sslkernels.fd_pseudo_label(z[0], z[0], p[0], 0.01, 0.1)
+    with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+        sslkernels.fd_pseudo_label(z, z, p, 0.0, 0.1)
+    with pytest.raises(ValueError, match="step must be finite"):
+        sslkernels.fd_pseudo_label(z, z, p, 0.01, math.inf)
+
+
+@pytest.mark.skipif(not CUDA_OK, reason="needs a GPU and the compiled CUDA kernels")
+def test_device_mismatch_raises_clear_errors():
+    z = torch.randn(4, 3, device="cuda")
+    p = torch.softmax(torch.randn(4, 3), 1)
+    with pytest.raises(RuntimeError, match="probs_w must be on the device of logits_s"):
+        sslkernels.masked_ce(z, p, 0.5, 10.0)
+    with pytest.raises(RuntimeError, match="tau must be on the device of logits_s"):
+        sslkernels.masked_ce(z, p.cuda(), torch.rand(4), 10.0)
+    with pytest.raises(RuntimeError, match="logits_plus must be on the device of y_tilde"):
+        sslkernels.fd_pseudo_label(z.cpu(), z, p.cuda(), 0.01, 0.1)
+
+
+def test_device_mismatch_is_caught_while_tracing():
+    # On a CPU-only machine the device check is exercised through the fake (meta) kernel.
+    z = torch.randn(4, 3)
+    p = torch.softmax(torch.randn(4, 3), 1).to("meta")
+    with pytest.raises(RuntimeError, match="probs_w must be on the device of logits_s"):
+        sslkernels.masked_ce(z, p, 0.5, 10.0)
+
+
+def test_import_without_compiled_extension_raises_import_error(tmp_path):
+    """The algorithm files rely on `import sslkernels` raising ImportError when _C is missing."""
+    package = tmp_path / "sslkernels_without_build"
+    package.mkdir()
+    for name in ("__init__.py", "reference.py"):
+        (package / name).write_text((ROOT / "sslkernels" / name).read_text())
+    spec = importlib.util.spec_from_file_location(
+        package.name, package / "__init__.py", submodule_search_locations=[str(package)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    with pytest.raises(ImportError, match=r"pip install --no-build-isolation -e \."):
+        spec.loader.exec_module(module)
+
+
+def test_cuda_kernels_available_reports_the_build():
+    assert sslkernels.cuda_kernels_available() is sslkernels.CUDA_COMPILED
+    assert sslkernels.CUDA_COMPILED == bool(sslkernels._C.CUDA_COMPILED)
