@@ -21,6 +21,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#endif
+
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && __GNUC__ >= 12
 #define SSL_TARGET_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))  // AVX2 + FMA
 #elif defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
@@ -274,6 +278,348 @@ struct MaskedCEBwd {
 };
 
 // ------------------------------------------------------------------------------------------
+// float32 masked_ce with explicit AVX2 + FMA intrinsics (picked at run time). GCC does not
+// vectorise the generic kernels well: its row-block transposition goes through the stack one
+// scalar at a time, and std::log / std::exp are called once per row. Here a block of 8 rows is
+// transposed in registers (8x8 shuffles) for few classes, so that each vector lane follows one
+// row through argmax, max, sum of exp, log and the mask; many classes are vectorised along the
+// row. Same definitions and NaN rules as the generic code; exp / log are ~1 ulp polynomials.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define SSL_HAVE_AVX2_PATH 1
+#define SSL_AVX2_FN __attribute__((target("avx2,fma")))
+#define SSL_AVX2_INLINE static inline __attribute__((target("avx2,fma"), always_inline))
+
+bool cpu_has_avx2_fma() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+
+// exp_approx on 8 lanes: clamp to [-87, 88] (NaN kept), round(x / ln2), Cody-Waite, Cephes.
+SSL_AVX2_INLINE __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x);  // max_ps returns the second operand on NaN
+  x = _mm256_min_ps(_mm256_set1_ps(88.0f), x);
+  const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r);
+  p = _mm256_add_ps(p, _mm256_set1_ps(1.0f));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
+// Natural log of positive normal floats (Cephes logf, ~1 ulp); NaN stays NaN.
+SSL_AVX2_INLINE __m256 log8(__m256 x) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256i xi = _mm256_castps_si256(x);
+  __m256 e = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(xi, 23), _mm256_set1_epi32(126)));
+  __m256 m = _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(xi, _mm256_set1_epi32(0x807fffff)),
+                                                 _mm256_set1_epi32(0x3f000000)));  // [0.5, 1)
+  const __m256 small = _mm256_cmp_ps(m, _mm256_set1_ps(0.707106781186547524f), _CMP_LT_OQ);
+  e = _mm256_sub_ps(e, _mm256_and_ps(small, one));
+  m = _mm256_add_ps(_mm256_sub_ps(m, one), _mm256_and_ps(small, m));
+  const __m256 z = _mm256_mul_ps(m, m);
+  __m256 y = _mm256_set1_ps(7.0376836292e-2f);
+  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(-1.1514610310e-1f));
+  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(1.1676998740e-1f));
+  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(-1.2420140846e-1f));
+  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(1.4249322787e-1f));
+  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(-1.6668057665e-1f));
+  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(2.0000714765e-1f));
+  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(-2.4999993993e-1f));
+  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(3.3333331174e-1f));
+  y = _mm256_mul_ps(_mm256_mul_ps(y, m), z);
+  y = _mm256_fmadd_ps(e, _mm256_set1_ps(-2.12194440e-4f), y);
+  y = _mm256_fnmadd_ps(z, _mm256_set1_ps(0.5f), y);
+  __m256 r = _mm256_add_ps(m, y);
+  r = _mm256_fmadd_ps(e, _mm256_set1_ps(0.693359375f), r);
+  return _mm256_blendv_ps(r, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+
+// Hard mask conf >= tau, or sigmoid(beta * (conf - tau)).
+SSL_AVX2_INLINE __m256 mask8(__m256 conf, __m256 t, __m256 beta, bool hard) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  if (hard) return _mm256_and_ps(_mm256_cmp_ps(conf, t, _CMP_GE_OQ), one);
+  const __m256 a = _mm256_mul_ps(beta, _mm256_sub_ps(conf, t));
+  const __m256 ex = exp8(_mm256_xor_ps(a, _mm256_set1_ps(-0.0f)));
+  return _mm256_div_ps(one, _mm256_add_ps(one, ex));
+}
+
+SSL_AVX2_INLINE float hmax8(__m256 v) {  // NaN-free input
+  __m128 a = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  a = _mm_max_ps(a, _mm_movehl_ps(a, a));
+  a = _mm_max_ss(a, _mm_movehdup_ps(a));
+  return _mm_cvtss_f32(a);
+}
+SSL_AVX2_INLINE float hsum8(__m256 v) {
+  __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+  a = _mm_add_ss(a, _mm_movehdup_ps(a));
+  return _mm_cvtss_f32(a);
+}
+
+// Lanes [0, rem) set.
+SSL_AVX2_INLINE __m256i tail_mask(int64_t rem) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(rem)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// 8 rows x 8 columns (starting at column c0, rem <= 8 of them valid) -> 8 column vectors.
+SSL_AVX2_INLINE void load_transposed(const float* const* rows, int64_t c0, int64_t rem, __m256* out) {
+  __m256 r[8];
+  if (rem == 8) {
+    for (int u = 0; u < 8; ++u) r[u] = _mm256_loadu_ps(rows[u] + c0);
+  } else {
+    const __m256i mk = tail_mask(rem);
+    for (int u = 0; u < 8; ++u) r[u] = _mm256_maskload_ps(rows[u] + c0, mk);
+  }
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  out[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
+  out[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+  out[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
+  out[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+  out[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
+  out[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+  out[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
+  out[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+
+constexpr int64_t kAvx2BlockClasses = 16;
+
+// Few classes: 8 rows per step, one per lane.
+SSL_AVX2_FN void fwd_f32_avx2_block(const MaskedCEFwd<float>& k, int64_t b, int64_t e) {
+  const int64_t C = k.C;
+  const __m256 beta = _mm256_set1_ps(k.beta);
+  const __m256 lowest = _mm256_set1_ps(std::numeric_limits<float>::lowest());
+  for (int64_t i0 = b; i0 < e; i0 += 8) {
+    const int n = static_cast<int>(std::min<int64_t>(8, e - i0));
+    const float* zr[8];
+    const float* pr[8];
+    alignas(32) float ta[8];
+    for (int u = 0; u < 8; ++u) {
+      // Lanes past the end repeat the block's first row, so that every lane holds real data.
+      const int64_t i = i0 + (u < n ? u : 0);
+      zr[u] = k.z + i * k.zs;
+      pr[u] = k.p + i * k.ps;
+      ta[u] = k.tau ? k.tau[i * k.taus] : k.tau_value;
+    }
+    __m256 Z[kAvx2BlockClasses], P[kAvx2BlockClasses];
+    for (int64_t c0 = 0; c0 < C; c0 += 8) {
+      const int64_t rem = std::min<int64_t>(8, C - c0);
+      load_transposed(zr, c0, rem, Z + c0);
+      load_transposed(pr, c0, rem, P + c0);
+    }
+    // torch.argmax order: a larger value wins, the first NaN wins, ties keep the first index.
+    __m256 best = P[0];
+    __m256i arg = _mm256_setzero_si256();
+    __m256 mx = _mm256_max_ps(Z[0], lowest);  // NaN entries never become the maximum
+    for (int64_t j = 1; j < C; ++j) {
+      const __m256 v = P[j];
+      const __m256 take = _mm256_or_ps(_mm256_cmp_ps(v, best, _CMP_GT_OQ),
+                                       _mm256_andnot_ps(_mm256_cmp_ps(best, best, _CMP_UNORD_Q),
+                                                        _mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+      best = _mm256_blendv_ps(best, v, take);
+      arg = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(arg),
+                                                 _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(j))), take));
+      mx = _mm256_max_ps(Z[j], mx);
+    }
+    __m256 sum = _mm256_setzero_ps(), zy = Z[0];
+    for (int64_t j = 0; j < C; ++j) {
+      sum = _mm256_add_ps(sum, exp8(_mm256_sub_ps(Z[j], mx)));
+      zy = _mm256_blendv_ps(zy, Z[j], _mm256_castsi256_ps(_mm256_cmpeq_epi32(arg, _mm256_set1_epi32(static_cast<int>(j)))));
+    }
+    const __m256 log_sum = log8(sum);
+    const __m256 ce = _mm256_add_ps(_mm256_sub_ps(mx, zy), log_sum);
+    const __m256 m = mask8(best, _mm256_load_ps(ta), beta, k.hard);
+    const __m256 loss = _mm256_mul_ps(m, ce);
+    alignas(32) float mxa[8], lsa[8], cfa[8];
+    _mm256_store_ps(mxa, mx);
+    _mm256_store_ps(lsa, log_sum);
+    _mm256_store_ps(cfa, best);
+    float* aux = k.aux + 3 * i0;
+    if (n == 8) {
+      _mm256_storeu_ps(k.loss + i0, loss);
+      _mm256_storeu_ps(k.mask + i0, m);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(k.pseudo + i0), _mm256_cvtepi32_epi64(_mm256_castsi256_si128(arg)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(k.pseudo + i0 + 4), _mm256_cvtepi32_epi64(_mm256_extracti128_si256(arg, 1)));
+    } else {
+      alignas(32) float la[8], ma[8];
+      alignas(32) int32_t ya[8];
+      _mm256_store_ps(la, loss);
+      _mm256_store_ps(ma, m);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(ya), arg);
+      for (int u = 0; u < n; ++u) {
+        k.loss[i0 + u] = la[u];
+        k.mask[i0 + u] = ma[u];
+        k.pseudo[i0 + u] = ya[u];
+      }
+    }
+    for (int u = 0; u < n; ++u) {
+      aux[3 * u] = mxa[u];
+      aux[3 * u + 1] = lsa[u];
+      aux[3 * u + 2] = cfa[u];
+    }
+  }
+}
+
+// Many classes: vectorised along each row.
+SSL_AVX2_FN void fwd_f32_avx2_rows(const MaskedCEFwd<float>& k, int64_t b, int64_t e) {
+  const int64_t C = k.C;
+  const int64_t Cv = C & ~int64_t(7);
+  const int64_t rem = C - Cv;
+  const __m256i tm = tail_mask(rem);
+  const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m256 lowest = _mm256_set1_ps(std::numeric_limits<float>::lowest());
+  for (int64_t i = b; i < e; ++i) {
+    const float* pr = k.p + i * k.ps;
+    const float* zr = k.z + i * k.zs;
+    // argmax of the probabilities: NaN-ignoring maximum, then the first index that holds it
+    // (or the first NaN).
+    __m256 pm0 = ninf, pm1 = ninf, nan = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 16 <= Cv; j += 16) {
+      const __m256 v0 = _mm256_loadu_ps(pr + j), v1 = _mm256_loadu_ps(pr + j + 8);
+      pm0 = _mm256_max_ps(v0, pm0);
+      pm1 = _mm256_max_ps(v1, pm1);
+      nan = _mm256_or_ps(nan, _mm256_cmp_ps(v0, v1, _CMP_UNORD_Q));
+    }
+    for (; j < Cv; j += 8) {
+      const __m256 v = _mm256_loadu_ps(pr + j);
+      pm0 = _mm256_max_ps(v, pm0);
+      nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    }
+    if (rem) {
+      const __m256 v = _mm256_blendv_ps(ninf, _mm256_maskload_ps(pr + Cv, tm), _mm256_castsi256_ps(tm));
+      pm0 = _mm256_max_ps(v, pm0);
+      nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    }
+    int64_t y = 0;
+    if (_mm256_movemask_ps(nan)) {
+      while (!std::isnan(pr[y])) ++y;
+    } else {
+      const float pmax = hmax8(_mm256_max_ps(pm0, pm1));
+      const __m256 vm = _mm256_set1_ps(pmax);
+      y = C - 1;
+      for (j = 0; j < C; j += 8) {
+        const __m256 v = j < Cv ? _mm256_loadu_ps(pr + j) : _mm256_blendv_ps(ninf, _mm256_maskload_ps(pr + j, tm), _mm256_castsi256_ps(tm));
+        const int bits = _mm256_movemask_ps(_mm256_cmp_ps(v, vm, _CMP_EQ_OQ));
+        if (bits) {
+          y = j + __builtin_ctz(static_cast<unsigned>(bits));
+          break;
+        }
+      }
+    }
+    const float conf = pr[y];
+    // Maximum of the logits (NaN ignored, as the generic code) and sum of exp(z - max).
+    __m256 zm0 = lowest, zm1 = lowest;
+    for (j = 0; j + 16 <= Cv; j += 16) {
+      zm0 = _mm256_max_ps(_mm256_loadu_ps(zr + j), zm0);
+      zm1 = _mm256_max_ps(_mm256_loadu_ps(zr + j + 8), zm1);
+    }
+    for (; j < Cv; j += 8) zm0 = _mm256_max_ps(_mm256_loadu_ps(zr + j), zm0);
+    if (rem) zm0 = _mm256_max_ps(_mm256_blendv_ps(lowest, _mm256_maskload_ps(zr + Cv, tm), _mm256_castsi256_ps(tm)), zm0);
+    const float mx = hmax8(_mm256_max_ps(zm0, zm1));
+    const __m256 vmx = _mm256_set1_ps(mx);
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    for (j = 0; j + 16 <= Cv; j += 16) {
+      s0 = _mm256_add_ps(s0, exp8(_mm256_sub_ps(_mm256_loadu_ps(zr + j), vmx)));
+      s1 = _mm256_add_ps(s1, exp8(_mm256_sub_ps(_mm256_loadu_ps(zr + j + 8), vmx)));
+    }
+    for (; j < Cv; j += 8) s0 = _mm256_add_ps(s0, exp8(_mm256_sub_ps(_mm256_loadu_ps(zr + j), vmx)));
+    if (rem)
+      s1 = _mm256_add_ps(s1, _mm256_and_ps(_mm256_castsi256_ps(tm),
+                                           exp8(_mm256_sub_ps(_mm256_maskload_ps(zr + Cv, tm), vmx))));
+    const float sum = hsum8(_mm256_add_ps(s0, s1));
+    k.finish_row(i, y, conf, mx, sum, zr[y]);
+  }
+}
+
+SSL_AVX2_FN void fwd_f32_avx2(const MaskedCEFwd<float>& k, int64_t b, int64_t e) {
+  if (k.C <= kAvx2BlockClasses)
+    fwd_f32_avx2_block(k, b, e);
+  else
+    fwd_f32_avx2_rows(k, b, e);
+}
+
+SSL_AVX2_FN void bwd_f32_avx2(const MaskedCEBwd<float>& k, int64_t b, int64_t e) {
+  const int64_t C = k.C;
+  const int64_t Cv = C & ~int64_t(7);
+  const int64_t rem = C - Cv;
+  const __m256i tm = tail_mask(rem);
+  const __m256 beta = _mm256_set1_ps(k.beta);
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t i0 = b; i0 < e; i0 += 8) {
+    const int n = static_cast<int>(std::min<int64_t>(8, e - i0));
+    alignas(32) float mxa[8], lsa[8], cfa[8], ta[8], gla[8], gma[8], zya[8], sca[8];
+    for (int u = 0; u < 8; ++u) {
+      const int64_t i = i0 + (u < n ? u : 0);
+      mxa[u] = k.aux[3 * i];
+      lsa[u] = k.aux[3 * i + 1];
+      cfa[u] = k.aux[3 * i + 2];
+      ta[u] = k.tau ? k.tau[i * k.taus] : k.tau_value;
+      gla[u] = k.g ? k.g[i * k.gs] : 0.0f;
+    }
+    const __m256 m = mask8(_mm256_load_ps(cfa), _mm256_load_ps(ta), beta, k.hard);
+    const __m256 gl = _mm256_load_ps(gla);
+    _mm256_store_ps(sca, _mm256_mul_ps(gl, m));
+    if (k.hard) {
+      for (int u = 0; u < n; ++u) k.grad_tau[i0 + u] = 0.0f;
+    } else {
+      for (int u = 0; u < 8; ++u) {
+        const int64_t i = i0 + (u < n ? u : 0);
+        zya[u] = k.z[i * k.zs + k.pseudo[i]];
+        gma[u] = k.gm ? k.gm[i * k.gms] : 0.0f;
+      }
+      const __m256 ce = _mm256_add_ps(_mm256_sub_ps(_mm256_load_ps(mxa), _mm256_load_ps(zya)), _mm256_load_ps(lsa));
+      const __m256 up = _mm256_add_ps(_mm256_mul_ps(gl, ce), _mm256_load_ps(gma));
+      const __m256 gt = _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(_mm256_xor_ps(beta, _mm256_set1_ps(-0.0f)), m),
+                                                    _mm256_sub_ps(one, m)), up);
+      alignas(32) float gta[8];
+      _mm256_store_ps(gta, gt);
+      for (int u = 0; u < n; ++u) k.grad_tau[i0 + u] = gta[u];
+    }
+    for (int u = 0; u < n; ++u) {
+      const int64_t i = i0 + u;
+      const float* zi = k.z + i * k.zs;
+      float* out = k.grad_z + i * C;
+      const float s = sca[u];
+      if (s == 0.0f) {
+        for (int64_t j = 0; j < Cv; j += 8) _mm256_storeu_ps(out + j, _mm256_setzero_ps());
+        if (rem) _mm256_maskstore_ps(out + Cv, tm, _mm256_setzero_ps());
+        continue;
+      }
+      const __m256 vs = _mm256_set1_ps(s), vmx = _mm256_set1_ps(mxa[u]), vls = _mm256_set1_ps(lsa[u]);
+      const __m256i vy = _mm256_set1_epi32(static_cast<int>(k.pseudo[i]));
+      int64_t j = 0;
+      for (; j < Cv; j += 8) {
+        const __m256 ex = exp8(_mm256_sub_ps(_mm256_sub_ps(_mm256_loadu_ps(zi + j), vmx), vls));
+        const __m256 hot = _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_add_epi32(iota, _mm256_set1_epi32(static_cast<int>(j))), vy)), one);
+        _mm256_storeu_ps(out + j, _mm256_mul_ps(vs, _mm256_sub_ps(ex, hot)));
+      }
+      if (rem) {
+        const __m256 ex = exp8(_mm256_sub_ps(_mm256_sub_ps(_mm256_maskload_ps(zi + j, tm), vmx), vls));
+        const __m256 hot = _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_add_epi32(iota, _mm256_set1_epi32(static_cast<int>(j))), vy)), one);
+        _mm256_maskstore_ps(out + j, tm, _mm256_mul_ps(vs, _mm256_sub_ps(ex, hot)));
+      }
+    }
+  }
+}
+#endif  // AVX2 path
+
+// ------------------------------------------------------------------------------------------
 // fd_pseudo_label
 template <typename scalar_t>
 struct FDPseudoLabel {
@@ -441,6 +787,25 @@ SSL_DEFINE_ROW_FNS(c10::Half, f16)
 SSL_DEFINE_ROW_FNS(c10::BFloat16, bf16)
 #undef SSL_DEFINE_ROW_FNS
 
+
+// The float32 AVX2 kernels where the CPU has them; false: use the generic kernels.
+template <typename K>
+bool run_avx2(const K&, int64_t, int64_t) {
+  return false;
+}
+#ifdef SSL_HAVE_AVX2_PATH
+bool run_avx2(const MaskedCEFwd<float>& k, int64_t N, int64_t C) {
+  if (!cpu_has_avx2_fma()) return false;
+  at::parallel_for(0, N, row_grain(C), [&](int64_t b, int64_t e) { fwd_f32_avx2(k, b, e); });
+  return true;
+}
+bool run_avx2(const MaskedCEBwd<float>& k, int64_t N, int64_t C) {
+  if (!cpu_has_avx2_fma()) return false;
+  at::parallel_for(0, N, row_grain(C), [&](int64_t b, int64_t e) { bwd_f32_avx2(k, b, e); });
+  return true;
+}
+#endif
+
 template <typename scalar_t>
 const at::opmath_type<scalar_t>* tau_ptr(const at::Tensor& tau) {
   return tau.defined() ? tau.data_ptr<at::opmath_type<scalar_t>>() : nullptr;
@@ -465,6 +830,7 @@ void masked_ce_forward_cpu(const at::Tensor& logits, const at::Tensor& probs, co
                                   std::isinf(beta),                  C,
                                   loss.data_ptr<scalar_t>(),         mask.data_ptr<scalar_t>(),
                                   pseudo_label.data_ptr<int64_t>(),  aux.data_ptr<acc_t>()};
+    if (run_avx2(k, N, C)) return;
     at::parallel_for(0, N, row_grain(C), [&](int64_t b, int64_t e) { run(k, b, e); });
   });
 }
@@ -494,6 +860,7 @@ void masked_ce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& grad_
         C,
         grad_logits.data_ptr<scalar_t>(),
         grad_tau.data_ptr<acc_t>()};
+    if (run_avx2(k, N, C)) return;
     at::parallel_for(0, N, row_grain(C), [&](int64_t b, int64_t e) { run(k, b, e); });
   });
 }
