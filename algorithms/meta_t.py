@@ -1,0 +1,932 @@
+"""Meta-T: Learning Sample-Aware Threshold for Semi-Supervised Learning.
+
+Wei, Feng, Sun, Wang, He and Yin, with its Green Meta-T. FixMatch's fixed threshold becomes
+a per-sample threshold tau_m produced by a threshold generation network (TGN) from the weak-view
+prediction p_m and the class-average confidence pbar[argmax p_m]; the TGN is meta-learned on the
+labeled batch through a virtual SGD step of the classifier (bi-level optimisation, the paper's
+Eqs. 8-10, restated as Eqs. 12-18 in its Appendix B). Green Meta-T runs the meta step every k-th
+step only. A first-order meta-gradient (two extra forwards instead of a double backward, the
+paper's future work) is an option. Defaults follow the paper's Table 6.
+
+    python algorithms/meta_t.py --dataset cifar10 --labels 40
+    python algorithms/meta_t.py --dataset cifar10 --labels 40 --meta-interval 2          # Green Meta-T
+    python algorithms/meta_t.py --dataset digits --labels 40 --total-steps 3000 --meta-grad fd   # offline, CPU
+
+The losses use the fused `sslkernels.masked_ce` and `sslkernels.class_confidence` when the project's
+extension is built and a few lines of plain PyTorch otherwise (same values, slower).
+"""
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from PIL import Image
+
+try:
+    import sslkernels  # the project's fused kernels (csrc/); optional
+except ImportError:
+    sslkernels = None
+
+ALGORITHM = "meta_t"
+
+
+def arg(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Args:
+    # data
+    dataset: str = arg("cifar10", "cifar10 | cifar100 | svhn | stl10 | digits | folder | synthetic")
+    data_dir: str = arg("./data", "torchvision download dir; for `folder`: holds train/<class>/* and test/<class>/*")
+    labels: int = arg(40, "labeled samples, spread evenly over the classes")
+    val_labels: int = arg(0, "labeled samples held out (evenly over classes) as a validation split; 0 = none")
+    exclude_labeled: bool = arg(False, "keep labeled samples out of the unlabeled set (FixMatch and USB keep them in)")
+    n1: int = arg(0, "class-imbalanced split (Meta-T Sec. 5.3): labeled samples of class 0, N_c = N_1 * gamma_l^(-c/(C-1)); 0 = balanced")
+    m1: int = arg(0, "class-imbalanced split: unlabeled samples of class 0, M_c = M_1 * gamma_u^(-c/(C-1))")
+    gamma_l: float = arg(100.0, "imbalance ratio of the labeled split (with --n1)")
+    gamma_u: float = arg(100.0, "imbalance ratio of the unlabeled split (with --n1)")
+    image_size: int = arg(32, "`folder` images are resized to this square size")
+    # model and optimisation
+    net: str = arg("", "wrn28_2 | wrn28_8 | wrn37_2 | convlarge | cnn_small; empty = the dataset's default")
+    batch_size: int = arg(32, "labeled batch size B (also the meta-data batch)")
+    uratio: int = arg(6, "mu: the unlabeled batch holds mu * B samples")
+    lr: float = arg(0.03, "SGD learning rate, divided by 10 at each of --lr-milestones")
+    lr_milestones: str = arg("1/3,2/3", "fractions of --total-steps where the lr is divided by 10 (Table 6: epochs 100 and 200 of 300)")
+    momentum: float = arg(0.9, "SGD Nesterov momentum")
+    weight_decay: float = arg(-1.0, "weight decay, not applied to BN and biases; -1 = 5e-4 (1e-3 for cifar100)")
+    ema: float = arg(0.999, "decay of the EMA weights used for evaluation")
+    total_steps: int = arg(300 * 1024, "training steps T (Table 6: 300 epochs of 1024 steps)")
+    # method
+    meta_lr: float = arg(1e-3, "Adam learning rate of the TGN, the method's one extra hyperparameter")
+    tgn_hidden: int = arg(100, "hidden units of the TGN, an MLP 2C -> hidden -> 1")
+    beta: float = arg(100.0, "sharpness of the surrogate mask sigmoid(beta * (conf - tau))")
+    hard_mask: bool = arg(False, "classifier update with the indicator 1[conf >= tau] (the meta step keeps the surrogate)")
+    meta_interval: int = arg(1, "Green Meta-T's k: meta step on the iterations t = step - 1 that k divides (Algorithm 2); 1 = Meta-T")
+    meta_grad: str = arg("exact", "exact: virtual step with a double backward | fd: first-order, two finite-difference forwards")
+    fd_direction_at: str = arg("w_hat", "with --meta-grad fd, take the meta-loss gradient v at w_hat (virtual step) or w (cheaper)")
+    plots: bool = arg(False, "draw the threshold and pseudo-label diagnostics as PNGs into the output dir at the end")
+    lambda_u: float = arg(1.0, "weight of the unlabeled loss")
+    labeled_only: bool = arg(False, "supervised baseline: labeled loss only, same pipeline")
+    # run
+    seed: int = arg(0, "seed of every RNG (split, data order, augmentation, init)")
+    device: str = arg("", "cuda | cpu; empty = cuda when available")
+    workers: int = arg(4, "data-loading worker processes (0 = load in the main process)")
+    eval_every: int = arg(5000, "evaluate (and checkpoint) every this many steps")
+    log_every: int = arg(100, "log losses and pseudo-label diagnostics every this many steps")
+    eval_batch_size: int = arg(1024, "batch size of evaluation")
+    output_dir: str = arg("", "where metrics, summary and checkpoints go; empty = runs/<algorithm>_<dataset>_<labels>_seed<seed>")
+    resume: str = arg("", "checkpoint file (or output dir holding checkpoint.pt) to resume from")
+    stop_after: int = arg(0, "stop after this many steps of this invocation (a planned interruption; resume later); 0 = never")
+    channels_last: bool = arg(True, "channels_last memory format (faster convolutions on CUDA and CPU)")
+    bf16: bool = arg(True, "bfloat16 autocast for the forward passes (CUDA only)")
+    compile: bool = arg(False, "torch.compile the training forward")
+    tensorboard: bool = arg(False, "also write TensorBoard logs to the output dir")
+
+
+class UserError(Exception):
+    """Bad input: reported as one line, no traceback."""
+
+
+def parse_args(argv=None) -> Args:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Args):
+        flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help)
+        else:
+            parser.add_argument(flag, type=type(f.default), default=f.default, help=help)
+    return Args(**vars(parser.parse_args(argv)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: every dataset becomes uint8 arrays (N, H, W, channels) plus int64 labels (-1 = unknown)
+# ---------------------------------------------------------------------------------------------
+# name: (classes, mean, std, default net, weight decay, horizontal flip in the weak view)
+DATASETS = {
+    "cifar10": (10, (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616), "wrn28_2", 5e-4, True),
+    "cifar100": (100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), "wrn28_8", 1e-3, True),
+    "svhn": (10, (0.4380, 0.4440, 0.4730), (0.1751, 0.1771, 0.1744), "wrn28_2", 5e-4, False),
+    "stl10": (10, (0.4409, 0.4279, 0.3868), (0.2683, 0.2610, 0.2687), "wrn37_2", 5e-4, True),
+    "digits": (10, (0.5,), (0.5,), "cnn_small", 5e-4, False),  # digits are not mirror-symmetric
+    "folder": (0, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "wrn28_2", 5e-4, True),
+    "synthetic": (4, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "cnn_small", 5e-4, True),
+}
+
+
+def load_torchvision(name, root):
+    """Train images/labels, test images/labels, and unlabeled-only images (STL-10's extra split)."""
+    import torchvision.datasets as tvd
+
+    def get(cls, **kw):
+        try:  # never touch the network when the files are already there
+            return cls(root, download=False, **kw)
+        except Exception:
+            pass
+        try:
+            return cls(root, download=True, **kw)
+        except Exception as e:
+            raise UserError(
+                f"could not load {name} from {root!r} nor download it ({type(e).__name__}: {e}). Without a "
+                f"network, put the archive torchvision expects for {cls.__name__} (or its extracted folder) in "
+                f"--data-dir {root!r} and run again; for an offline run use --dataset digits, or --dataset folder "
+                f"with your own images in {root}/train/<class>/ and {root}/test/<class>/.") from None
+
+    if name in ("cifar10", "cifar100"):
+        cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
+        tr, te = get(cls, train=True), get(cls, train=False)
+        return tr.data, np.array(tr.targets), te.data, np.array(te.targets), None
+    if name == "svhn":
+        tr, te = get(tvd.SVHN, split="train"), get(tvd.SVHN, split="test")
+        return tr.data.transpose(0, 2, 3, 1), tr.labels, te.data.transpose(0, 2, 3, 1), te.labels, None
+    tr, te, un = get(tvd.STL10, split="train"), get(tvd.STL10, split="test"), get(tvd.STL10, split="unlabeled")
+    nhwc = lambda d: d.data.transpose(0, 2, 3, 1)
+    return nhwc(tr), tr.labels.astype(np.int64), nhwc(te), te.labels.astype(np.int64), nhwc(un)
+
+
+def load_folder(root, size):
+    """`root/train/<class>/*` and `root/test/<class>/*`, resized to size x size RGB, held in memory."""
+    splits = []
+    for split in ("train", "test"):
+        d = Path(root) / split
+        classes = sorted(p.name for p in d.iterdir() if p.is_dir()) if d.is_dir() else []
+        if not classes:
+            raise UserError(f"--dataset folder needs class folders in {d} (e.g. {d}/cat/001.png); found none")
+        if split == "test" and classes != splits[0][2]:
+            raise UserError(f"{d} has classes {classes}, but train has {splits[0][2]}")
+        images, labels = [], []
+        for c, name in enumerate(classes):
+            for f in sorted((d / name).iterdir()):
+                try:
+                    with Image.open(f) as im:
+                        images.append(np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR)))
+                except Exception as e:
+                    raise UserError(f"cannot read image {f}: {e}") from None
+                labels.append(c)
+        splits.append((np.stack(images), np.array(labels), classes))
+    return splits[0][0], splits[0][1], splits[1][0], splits[1][1], None, len(splits[0][2])
+
+
+def load_digits():
+    """scikit-learn's bundled 8x8 digits (1797 images): a real dataset that works offline.
+    Fixed, stratified held-out test split of 497 images (independent of --seed)."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    d = sk_digits()
+    x = np.round(d.images * (255 / 16)).astype(np.uint8)[..., None]
+    order = np.random.default_rng(0).permutation(len(x))
+    test = np.zeros(len(x), bool)
+    for c in range(10):  # every 3.6th image of each class goes to test: 497 in all
+        idx = order[d.target[order] == c]
+        test[idx[: round(len(idx) * 497 / 1797)]] = True
+    return x[~test], d.target[~test], x[test], d.target[test], None
+
+
+def make_synthetic(classes=4, per_class=64, size=8, seed=0):
+    """Learnable generated images for tests: each class is a coloured blob in its own quadrant."""
+    rng = np.random.default_rng(seed)
+    n = classes * per_class
+    y = np.repeat(np.arange(classes), per_class)
+    x = rng.normal(100, 20, (n, size, size, 3))
+    half = size // 2
+    for i, c in enumerate(y):
+        r, q = (c // 2 % 2) * half, (c % 2) * half
+        x[i, r:r + half, q:q + half, c % 3] += 120
+    x = np.clip(x, 0, 255).astype(np.uint8)
+    test = np.arange(n) % 4 == 0
+    return x[~test], y[~test], x[test], y[test], None
+
+
+def load_data(args):
+    if args.dataset not in DATASETS:
+        raise UserError(f"unknown --dataset {args.dataset!r}; choose one of {', '.join(DATASETS)}")
+    classes = DATASETS[args.dataset][0]
+    if args.dataset == "digits":
+        data = load_digits()
+    elif args.dataset == "synthetic":
+        data = make_synthetic()
+    elif args.dataset == "folder":
+        *data, classes = load_folder(args.data_dir, args.image_size)
+    else:
+        data = load_torchvision(args.dataset, args.data_dir)
+    return (*data, classes)
+
+
+def split_labeled(y, classes, args, rng):
+    """Indices of the labeled, unlabeled and validation sets (Meta-T's imbalanced split with --n1)."""
+    by_class = [rng.permutation(np.flatnonzero(y == c)) for c in range(classes)]
+    if args.n1 > 0:
+        if classes < 2:
+            raise UserError("the imbalanced split (--n1) needs at least 2 classes")
+        decay = lambda first, gamma, c: int(first * gamma ** (-c / (classes - 1)))
+        n_lab = [decay(args.n1, args.gamma_l, c) for c in range(classes)]
+        n_unl = [decay(args.m1, args.gamma_u, c) for c in range(classes)]
+    else:
+        if args.labels <= 0 or args.labels % classes:
+            raise UserError(f"--labels {args.labels} must be a positive multiple of the {classes} classes")
+        n_lab, n_unl = [args.labels // classes] * classes, [None] * classes
+    if args.val_labels % classes:
+        raise UserError(f"--val-labels {args.val_labels} must be a multiple of the {classes} classes")
+    n_val = args.val_labels // classes
+    labeled, unlabeled, val = [], [], []
+    for c, idx in enumerate(by_class):
+        if n_lab[c] + n_val + (n_unl[c] or 0) > len(idx):
+            raise UserError(f"class {c} has {len(idx)} training samples, fewer than the {n_lab[c]} labeled + "
+                            f"{n_val} validation + {n_unl[c] or 0} unlabeled asked for (--labels/--n1/--m1)")
+        labeled.append(idx[:n_lab[c]])
+        val.append(idx[n_lab[c]:n_lab[c] + n_val])
+        rest = idx[n_lab[c] + n_val:]
+        unlabeled.append(rest if n_unl[c] is None else rest[:n_unl[c]])
+        if not args.exclude_labeled:
+            unlabeled.append(idx[:n_lab[c]])
+    return np.concatenate(labeled), np.concatenate(unlabeled), np.concatenate(val)
+
+
+# Augmentation. Each function takes an explicit random.Random, so that a batch is a pure function
+# of (seed, step): resume restores the data exactly, whatever the number of workers.
+def weak_augment(x, rng, flip):
+    """uint8 (H, W, C) -> random horizontal flip (not for digits / SVHN), then a random crop of the
+    image padded by 12.5% of its side with reflection. numpy: PIL's pad costs 10x more here."""
+    if flip and rng.random() < 0.5:
+        x = x[:, ::-1]
+    h, w = x.shape[:2]
+    pad = max(1, int(0.125 * w))
+    x = np.pad(x, ((pad, pad), (pad, pad), (0, 0)), mode="reflect")
+    i, j = rng.randint(0, 2 * pad), rng.randint(0, 2 * pad)
+    return x[i:i + h, j:j + w]
+
+
+def _shear(img, v, axis):
+    shear = [math.degrees(math.atan(v)), 0.0][:: 1 if axis == 0 else -1]
+    return TF.affine(img, angle=0.0, translate=[0, 0], scale=1.0, shear=shear, fill=128)
+
+
+def _translate(img, v, axis):
+    move = [round(v * img.size[0]), 0][:: 1 if axis == 0 else -1]
+    return TF.affine(img, angle=0.0, translate=move, scale=1.0, shear=[0.0, 0.0], fill=128)
+
+
+# (operation, lowest magnitude, highest magnitude): the FixMatch paper's RandAugment table.
+RANDAUGMENT_OPS = [
+    (lambda img, v: img, 0, 1),  # identity
+    (lambda img, v: TF.autocontrast(img), 0, 1),
+    (lambda img, v: TF.equalize(img), 0, 1),
+    (lambda img, v: TF.adjust_brightness(img, v), 0.05, 0.95),
+    (lambda img, v: TF.adjust_saturation(img, v), 0.05, 0.95),  # "Color" in PIL's naming
+    (lambda img, v: TF.adjust_contrast(img, v), 0.05, 0.95),
+    (lambda img, v: TF.adjust_sharpness(img, v), 0.05, 0.95),
+    (lambda img, v: TF.posterize(img, int(v)), 4, 8.99),
+    (lambda img, v: TF.solarize(img, v), 0, 256),
+    (lambda img, v: TF.rotate(img, v, fill=128), -30, 30),
+    (lambda img, v: _shear(img, v, 0), -0.3, 0.3),
+    (lambda img, v: _shear(img, v, 1), -0.3, 0.3),
+    (lambda img, v: _translate(img, v, 0), -0.3, 0.3),
+    (lambda img, v: _translate(img, v, 1), -0.3, 0.3),
+]
+
+
+def strong_augment(x, rng, flip):
+    """The weak view, then RandAugment (2 random ops at random magnitudes), then Cutout (FixMatch)."""
+    h, w, c = x.shape
+    x = np.ascontiguousarray(weak_augment(x, rng, flip))
+    img = Image.fromarray(x.reshape(h, w) if c == 1 else x)
+    for op, low, high in rng.choices(RANDAUGMENT_OPS, k=2):
+        img = op(img, low + (high - low) * rng.random())
+    x = np.array(img).reshape(h, w, c)
+    side = int(rng.uniform(0, 0.5) * w)  # Cutout: a grey square of up to half the image side
+    if side > 0:
+        r, q = rng.randint(0, h - 1), rng.randint(0, w - 1)
+        x[max(0, r - side // 2): r + side - side // 2, max(0, q - side // 2): q + side - side // 2] = 127
+    return x
+
+
+def sample_indices(n, count, step, seed, stream):
+    """Positions [step*count, (step+1)*count) of an endless stream of epochs, each epoch a fresh
+    permutation of range(n) drawn from (seed, stream, epoch)."""
+    pos = np.arange(step * count, (step + 1) * count)
+    out = np.empty(count, np.int64)
+    for epoch in np.unique(pos // n):
+        perm = np.random.default_rng([seed, stream, int(epoch)]).permutation(n)
+        sel = pos // n == epoch
+        out[sel] = perm[pos[sel] % n]
+    return out
+
+
+class TrainBatches(torch.utils.data.Dataset):
+    """Item t is the whole training batch of step t (labeled weak view, unlabeled weak and strong
+    views), computed from (seed, t) alone."""
+
+    def __init__(self, images, labels, labeled_idx, unlabeled_idx, args, flip, first_step):
+        self.images, self.labels, self.flip = images, labels, flip
+        self.labeled_idx, self.unlabeled_idx = labeled_idx, unlabeled_idx
+        self.args, self.first_step = args, first_step
+
+    def __len__(self):
+        return self.args.total_steps - self.first_step
+
+    def _views(self, indices, rng, augment):
+        """uint8 (N, H, W, C) views; normalisation happens on the device."""
+        return torch.from_numpy(np.stack([augment(self.images[i], rng, self.flip) for i in indices]))
+
+    def __getitem__(self, i):
+        a, step = self.args, self.first_step + i
+        rng = random.Random(a.seed * 1_000_003 + step)
+        lab = self.labeled_idx[sample_indices(len(self.labeled_idx), a.batch_size, step, a.seed, 0)]
+        batch = {"x_l": self._views(lab, rng, weak_augment), "y_l": torch.from_numpy(self.labels[lab])}
+        if not a.labeled_only:
+            u = sample_indices(len(self.unlabeled_idx), a.batch_size * a.uratio, step, a.seed, 1)
+            unl = self.unlabeled_idx[u]
+            batch.update(x_uw=self._views(unl, rng, weak_augment), x_us=self._views(unl, rng, strong_augment),
+                         y_u=torch.from_numpy(self.labels[unl]), idx_u=torch.from_numpy(u))
+        return batch
+
+
+def worker_init(_):
+    torch.set_num_threads(1)  # workers only stack small arrays; leave the cores to the model
+
+
+# ---------------------------------------------------------------------------------------------
+# Networks: each exposes `features(x) -> (N, D)` and the linear `head`, so methods that treat
+# the extractor and the classifier differently (LayerMatch) change the loss, not the network.
+# ---------------------------------------------------------------------------------------------
+def lrelu():
+    return nn.LeakyReLU(0.1)
+
+
+class WRNBlock(nn.Module):
+    """Pre-activation residual block of USB's WideResNet (BN momentum 0.001, eps 0.001)."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.bn1, self.act1 = nn.BatchNorm2d(cin, momentum=0.001, eps=0.001), lrelu()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1)
+        self.bn2, self.act2 = nn.BatchNorm2d(cout, momentum=0.001, eps=0.001), lrelu()
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1)
+        self.shortcut = None if cin == cout else nn.Conv2d(cin, cout, 1, stride, 0)
+
+    def forward(self, x):
+        out = self.act1(self.bn1(x))
+        if self.shortcut is not None:  # the activation then also feeds the projection shortcut
+            x = out
+        out = self.conv2(self.act2(self.bn2(self.conv1(out))))
+        return out + (x if self.shortcut is None else self.shortcut(x))
+
+
+class WideResNet(nn.Module):
+    """WRN-28-k (3 groups) and USB's WRN-37-2 variant for STL-10 (4 groups, first stride 2)."""
+
+    def __init__(self, in_channels, classes, width, groups=3, first_stride=1, blocks_per_group=4):
+        super().__init__()
+        chans = [16] + [16 * width * 2**g for g in range(groups)]
+        layers = [nn.Conv2d(in_channels, 16, 3, 1, 1)]
+        for g in range(groups):
+            for b in range(blocks_per_group):
+                stride = (first_stride if g == 0 else 2) if b == 0 else 1
+                layers.append(WRNBlock(chans[g] if b == 0 else chans[g + 1], chans[g + 1], stride))
+        layers += [nn.BatchNorm2d(chans[-1], momentum=0.001, eps=0.001), lrelu(),
+                   nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(chans[-1], classes)
+        for m in self.modules():  # USB's initialisation
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="leaky_relu")
+            elif isinstance(m, nn.Linear):
+                nn.init.xavier_normal_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def conv_bn(cin, cout, k=3, pad=1, momentum=0.001):
+    return [nn.Conv2d(cin, cout, k, 1, pad), nn.BatchNorm2d(cout, momentum=momentum), lrelu()]
+
+
+class ConvLarge(nn.Module):
+    """The 13-layer CNN of Laine & Aila used by MetaSemi (LeakyReLU 0.1, Dropout2d 0.5)."""
+
+    def __init__(self, in_channels, classes):
+        super().__init__()
+        self.features = nn.Sequential(
+            *conv_bn(in_channels, 128), *conv_bn(128, 128), *conv_bn(128, 128), nn.MaxPool2d(2), nn.Dropout2d(0.5),
+            *conv_bn(128, 256), *conv_bn(256, 256), *conv_bn(256, 256), nn.MaxPool2d(2), nn.Dropout2d(0.5),
+            *conv_bn(256, 512, pad=0), *conv_bn(512, 256, 1, 0), *conv_bn(256, 128, 1, 0),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(128, classes)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+class SmallCNN(nn.Module):
+    """A 3-conv network for 8x8 inputs (digits, tests). BN momentum 0.01: its runs are short."""
+
+    def __init__(self, in_channels, classes):
+        super().__init__()
+        self.features = nn.Sequential(
+            *conv_bn(in_channels, 32, momentum=0.01), nn.MaxPool2d(2), *conv_bn(32, 64, momentum=0.01),
+            nn.MaxPool2d(2), *conv_bn(64, 128, momentum=0.01), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(128, classes)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+NETS = {
+    "wrn28_2": lambda cin, k: WideResNet(cin, k, width=2),
+    "wrn28_8": lambda cin, k: WideResNet(cin, k, width=8),
+    "wrn37_2": lambda cin, k: WideResNet(cin, k, width=2, groups=4, first_stride=2),
+    "convlarge": ConvLarge,
+    "cnn_small": SmallCNN,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Meta-T: the loss, the threshold generation network and the meta step
+# ---------------------------------------------------------------------------------------------
+def masked_ce_reference(logits_s, probs_w, tau, beta):
+    """Per-sample mask * CE(logits_s, argmax probs_w); mask = 1[conf >= tau] for beta = inf, else
+    sigmoid(beta * (conf - tau)). The definition of `sslkernels.masked_ce`, used when it is absent."""
+    conf, pseudo_label = probs_w.detach().max(dim=1)
+    mask = (conf >= tau).to(logits_s.dtype) if math.isinf(beta) else torch.sigmoid(beta * (conf - tau))
+    return mask * F.cross_entropy(logits_s, pseudo_label, reduction="none"), mask, pseudo_label
+
+
+masked_ce = sslkernels.masked_ce if sslkernels is not None else masked_ce_reference
+
+
+def class_confidence_reference(probs):
+    """Eq. 5: row c of the C x C result averages the rows of probs whose argmax is c (1/C for a class that no
+    row predicts), and the per-class counts. The definition of `sslkernels.class_confidence`."""
+    classes = probs.shape[1]
+    pseudo_label = probs.argmax(dim=1)
+    counts = torch.zeros(classes, dtype=torch.long, device=probs.device)  # not bincount: it syncs on CUDA
+    counts.index_add_(0, pseudo_label, torch.ones_like(pseudo_label))
+    sums = torch.zeros(classes, classes, dtype=probs.dtype, device=probs.device).index_add_(0, pseudo_label, probs)
+    return torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], 1 / classes), counts
+
+
+class_confidence = sslkernels.class_confidence if sslkernels is not None else class_confidence_reference
+
+
+def make_tgn(classes, hidden):
+    """The threshold generation network (Sec. 4.2): MLP 2C -> hidden -> 1. The sigmoid keeps tau in (0, 1),
+    starting near 0.5 as in the paper's Fig. 5(c)."""
+    return nn.Sequential(nn.Linear(2 * classes, hidden), nn.ReLU(), nn.Linear(hidden, 1), nn.Sigmoid())
+
+
+def tgn_thresholds(tgn, probs_w, pbar):
+    """Eq. 6: tau_m = V([p_m, pbar[argmax p_m]]; Theta). Both inputs are detached from the classifier."""
+    return tgn(torch.cat([probs_w, pbar[probs_w.argmax(dim=1)]], dim=1)).squeeze(1)
+
+
+def meta_t_loss(logits, y_l, probs_w, tau, args):
+    """Eq. 10: L = CE(labeled) + lambda_u * mean over mu*B of S(max p_w - tau_m) * CE(strong, argmax p_w), with
+    S the sigmoid of sharpness beta (Eq. 14), or the indicator 1[max p_w >= tau_m] with --hard-mask."""
+    n_u = args.batch_size * args.uratio
+    logits_l, _, logits_us = torch.split(logits, [args.batch_size, n_u, n_u])
+    loss_s = F.cross_entropy(logits_l, y_l)
+    loss_u, mask, pseudo_label = masked_ce(logits_us, probs_w, tau, math.inf if args.hard_mask else args.beta)
+    loss_u = loss_u.mean()
+    return loss_s + args.lambda_u * loss_u, {"loss_s": loss_s, "loss_u": loss_u}, mask, pseudo_label
+
+
+def meta_gradient(model, tgn, logits_us, probs_w, pbar, x_l, y_l, x_us, alpha, args, autocast=contextlib.nullcontext):
+    """grad_Theta of the meta loss L_meta = CE(f(x_l; w_hat), y_l) (Eq. 12) after the virtual SGD step
+    w_hat = w - alpha * grad_w L_u(w, Theta) (Eq. 8), for the TGN update (Eq. 9 / 16); also returns L_meta.
+    logits_us: strong-view logits of the step's forward, with their graph to w. The extra forwards run on
+    cloned buffers, so the meta step never changes the BatchNorm running statistics."""
+    params = dict(model.named_parameters())
+    buffers = {k: b.clone() for k, b in model.named_buffers()}
+
+    def f(w, x):
+        with autocast():
+            return torch.func.functional_call(model, {**w, **buffers}, (x,)).to(logits_us.dtype)
+
+    tau = tgn_thresholds(tgn, probs_w, pbar)  # with its graph to Theta
+    loss_u, mask, pseudo_label = masked_ce(logits_us, probs_w, tau, args.beta)
+    if args.meta_grad == "exact":  # differentiate through the virtual step: a double backward
+        g = torch.autograd.grad(loss_u.mean(), list(params.values()), create_graph=True)
+        w_hat = {k: p - alpha * gk for (k, p), gk in zip(params.items(), g)}  # Eq. 8
+        loss_meta = F.cross_entropy(f(w_hat, x_l), y_l)
+        return torch.autograd.grad(loss_meta, list(tgn.parameters())), loss_meta.detach()
+    # First order. By Eq. 17, dL_meta/dS_j = -(alpha / (mu*B)) * v . grad_w CE_j(w) with v = grad L_meta(w_hat):
+    # the dot product is a directional derivative, taken as a central difference along v.
+    if args.fd_direction_at == "w_hat":
+        g = torch.autograd.grad(loss_u.mean(), list(params.values()), retain_graph=True)
+        at = {k: (p - alpha * gk).detach().requires_grad_() for (k, p), gk in zip(params.items(), g)}
+    else:  # v = gradient of the labeled loss at w, from the labeled batch alone (BN sees that batch only)
+        at = params
+    loss_meta = F.cross_entropy(f(at, x_l), y_l)
+    v = torch.autograd.grad(loss_meta, list(at.values()))
+    eps = 0.01 / torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in v])).clamp_min(1e-12)
+    with torch.no_grad():
+        ce_plus, ce_minus = (F.cross_entropy(f({k: p + sign * eps * vk for (k, p), vk in zip(params.items(), v)}, x_us),
+                                             pseudo_label, reduction="none") for sign in (1, -1))
+        dmeta_dmask = -(alpha / len(x_us)) * (ce_plus - ce_minus) / (2 * eps)
+    # backpropagate dL_meta/dS_j through S_j(tau_j(Theta)) into the TGN (Eq. 16)
+    return torch.autograd.grad(mask, list(tgn.parameters()), grad_outputs=dmeta_dmask), loss_meta.detach()
+
+
+@torch.no_grad()
+def threshold_diagnostics(tau_bank, prob_bank, bins=20):
+    """Fig. 5: histogram on [0, 1] of the latest threshold of every unlabeled sample seen so far, and their
+    mean per class of the current pseudo-label (NaN for a class without any)."""
+    seen = ~tau_bank.isnan()
+    tau, pseudo_label = tau_bank[seen], prob_bank[seen].argmax(dim=1)
+    classes = prob_bank.shape[1]
+    sums = torch.zeros(classes, dtype=tau.dtype, device=tau.device).index_add_(0, pseudo_label, tau)
+    return {"tau_hist": [int(c) for c in torch.histc(tau, bins, 0, 1).tolist()],
+            "tau_class_mean": (sums / torch.bincount(pseudo_label, minlength=classes)).tolist()}
+
+
+def plot_diagnostics(metrics_path, out):
+    """PNGs of the paper's plots: the threshold distribution at the last log (Fig. 5a), the mean threshold per
+    class over training (Fig. 5c), the correct and wrong selected pseudo-labels over training (Fig. 4)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [r for r in map(json.loads, metrics_path.read_text().splitlines()) if "tau_hist" in r]
+    if not recs:
+        return
+    steps, hist = [r["step"] for r in recs], recs[-1]["tau_hist"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.bar(np.linspace(0, 1, len(hist), endpoint=False), hist, width=1 / len(hist), align="edge", edgecolor="white")
+    ax.set(xlabel="threshold tau", ylabel="unlabeled samples", xlim=(0, 1),
+           title=f"Latest threshold of each unlabeled sample (step {steps[-1]})")
+    fig.tight_layout()
+    fig.savefig(out / "thresholds_hist.png", dpi=120)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for c, taus in enumerate(zip(*(r["tau_class_mean"] for r in recs))):
+        ax.plot(steps, taus, label=f"class {c}")
+    ax.set(xlabel="step", ylabel="mean threshold", title="Mean threshold per pseudo-label class")
+    ax.legend(fontsize="small", ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "thresholds_per_class.png", dpi=120)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, colour in (("selected_correct", "tab:green"), ("selected_wrong", "tab:red")):
+        ax.plot(steps, [r[key] for r in recs], color=colour, label=key.replace("_", " "))
+    ax.set(xlabel="step", ylabel="pseudo-labels per log interval", title="Selected pseudo-labels (true label known)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "pseudo_labels.png", dpi=120)
+    plt.close("all")
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimisation, EMA, evaluation, checkpoints
+# ---------------------------------------------------------------------------------------------
+def make_optimizer(model, args):
+    """SGD Nesterov; no weight decay on BatchNorm parameters and biases (all the 1-D tensors).
+    Step decay (Table 6): lr / 10 at each milestone, a fraction of the total steps (1/3 of 300 x 1024 = epoch 100)."""
+    params = list(model.parameters())
+    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=True)
+    try:
+        fractions = [Fraction(f) for f in args.lr_milestones.split(",") if f.strip()]
+    except (ValueError, ZeroDivisionError):
+        fractions = [-1]
+    if not all(0 < f <= 1 for f in fractions):
+        raise UserError(f"--lr-milestones {args.lr_milestones!r}: want fractions in (0, 1] such as 1/3,2/3")
+    milestones = [math.ceil(f * args.total_steps) for f in fractions]
+    step_decay = lambda t: 0.1 ** sum(t >= m for m in milestones)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, step_decay)
+
+
+@torch.no_grad()
+def ema_update(ema_model, model, decay):
+    """Exponential moving average of the weights; BatchNorm statistics are copied (USB)."""
+    torch._foreach_lerp_(list(ema_model.parameters()), list(model.parameters()), 1 - decay)
+    for e, b in zip(ema_model.buffers(), model.buffers()):
+        e.copy_(b)
+
+
+def to_input(x_u8, device, mean, std, memory_format):
+    """uint8 (N, H, W, C) -> normalised float (N, C, H, W) on the device."""
+    x = x_u8.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+    return ((x - mean) / std).contiguous(memory_format=memory_format)
+
+
+@torch.no_grad()
+def evaluate(model, images, labels, classes, args, prepare, autocast):
+    """Top-1, balanced accuracy (mean of per-class recalls) and per-class accuracy."""
+    model.eval()
+    preds = []
+    for i in range(0, len(images), args.eval_batch_size):
+        with autocast():
+            preds.append(model(prepare(images[i:i + args.eval_batch_size])).argmax(1).cpu())
+    model.train()
+    correct = (torch.cat(preds) == labels).float()
+    per_class = [correct[labels == c].mean().item() if (labels == c).any() else float("nan") for c in range(classes)]
+    return {"top1": correct.mean().item(), "balanced_acc": float(np.nanmean(per_class)), "per_class_acc": per_class}
+
+
+def save_checkpoint(path, state):
+    """Write to a temporary file, then rename: an interruption never leaves a broken checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(where):
+    path = Path(where)
+    path = path / "checkpoint.pt" if path.is_dir() else path
+    if not path.is_file():
+        raise UserError(f"--resume {where!r}: no checkpoint file there")
+    try:  # weights_only=False: our own file, which also holds the RNG states
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(ckpt, dict) or "model" not in ckpt:
+            raise ValueError("not a checkpoint of this script")
+    except Exception as e:
+        raise UserError(f"cannot resume from {path}: the file is corrupt or not a checkpoint ({e})") from None
+    return ckpt
+
+
+def rng_states():
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_states(s):
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+# The flags that define a run: resuming with different ones would silently train something else.
+RESUME_MUST_MATCH = ("dataset", "labels", "n1", "m1", "net", "seed", "batch_size", "uratio", "total_steps",
+                     "tgn_hidden", "meta_grad", "meta_interval", "fd_direction_at")
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+def train(args):
+    # --- validate and set up ---
+    if args.device == "":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: no CUDA device is available")
+    for name in ("batch_size", "uratio", "total_steps", "eval_every", "log_every", "eval_batch_size",
+                 "meta_interval", "tgn_hidden", "meta_lr", "beta"):
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if not math.isfinite(args.beta):
+        raise UserError("--beta must be finite: the meta step differentiates the surrogate mask (see --hard-mask)")
+    for name, choices in (("meta_grad", ("exact", "fd")), ("fd_direction_at", ("w_hat", "w"))):
+        if getattr(args, name) not in choices:
+            raise UserError(f"unknown --{name.replace('_', '-')} {getattr(args, name)!r}; "
+                            f"choose {' or '.join(choices)}")
+    if args.compile and args.meta_grad == "exact" and not args.labeled_only:
+        raise UserError("--compile has no double backward for --meta-grad exact; use --meta-grad fd or no --compile")
+    if args.plots and importlib.util.find_spec("matplotlib") is None:
+        raise UserError("--plots needs matplotlib: pip install matplotlib")
+    device = torch.device(args.device)
+    ckpt = load_checkpoint(args.resume) if args.resume else None
+    if ckpt is not None:
+        for k in RESUME_MUST_MATCH:
+            if ckpt["args"][k] != getattr(args, k) and not (k == "net" and args.net == ""):
+                raise UserError(f"--resume: the checkpoint was trained with --{k.replace('_', '-')} "
+                                f"{ckpt['args'][k]}, this run asks for {getattr(args, k)}")
+        if not args.output_dir:
+            args.output_dir = ckpt["args"]["output_dir"]
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+
+    # --- data ---
+    train_x, train_y, test_x, test_y, extra_x, classes = load_data(args)
+    _, mean, std, default_net, default_wd, flip = DATASETS[args.dataset]
+    args.net = args.net or default_net
+    args.weight_decay = default_wd if args.weight_decay < 0 else args.weight_decay
+    if args.net not in NETS:
+        raise UserError(f"unknown --net {args.net!r}; choose one of {', '.join(NETS)}")
+    labeled_idx, unlabeled_idx, val_idx = split_labeled(train_y, classes, args, np.random.default_rng(args.seed))
+    images, labels = train_x, train_y.astype(np.int64)
+    if extra_x is not None:  # STL-10's unlabeled split: true labels unknown (-1)
+        unlabeled_idx = np.concatenate([unlabeled_idx, np.arange(len(extra_x)) + len(train_x)])
+        images = np.concatenate([train_x, extra_x])
+        labels = np.concatenate([labels, np.full(len(extra_x), -1)])
+    out = Path(args.output_dir or f"runs/{ALGORITHM}_{args.dataset}_{args.labels}_seed{args.seed}")
+    args.output_dir = str(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "split.json").write_text(json.dumps({
+        "labeled": labeled_idx.tolist(), "validation": val_idx.tolist(), "unlabeled_count": len(unlabeled_idx)}))
+
+    first_step = ckpt["step"] if ckpt else 0
+    loader = torch.utils.data.DataLoader(
+        TrainBatches(images, labels, labeled_idx, unlabeled_idx, args, flip, first_step), batch_size=None,
+        num_workers=args.workers, persistent_workers=args.workers > 0, worker_init_fn=worker_init,
+        prefetch_factor=4 if args.workers > 0 else None, pin_memory=device.type == "cuda",
+        generator=torch.Generator())  # own generator: creating the iterator must not consume the global RNG
+    on_cuda = device.type == "cuda"
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    mean_t = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, device=device).view(1, -1, 1, 1)
+    prepare = lambda x: to_input(x, device, mean_t, std_t, memory_format)
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_cuda and args.bf16)
+    test_images, test_labels = torch.from_numpy(test_x), torch.from_numpy(test_y.astype(np.int64))
+
+    # --- model, optimiser, EMA ---
+    model = NETS[args.net](train_x.shape[-1], classes).to(device, memory_format=memory_format)
+    ema_model = copy.deepcopy(model).requires_grad_(False)
+    optimizer, scheduler = make_optimizer(model, args)
+    forward = torch.compile(model) if args.compile else model
+    # created after the classifier, whose initialisation then equals FixMatch's
+    tgn = make_tgn(classes, args.tgn_hidden).to(device)
+    meta_optimizer = torch.optim.Adam(tgn.parameters(), lr=args.meta_lr)
+    # latest weak-view softmax of every unlabeled sample (uniform until seen), for pbar (Eq. 5), and its threshold
+    prob_bank = torch.full((len(unlabeled_idx), classes), 1 / classes, device=device)
+    tau_bank = torch.full((len(unlabeled_idx),), math.nan, device=device)
+    best_top1, seconds_before = 0.0, 0.0
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+        ema_model.load_state_dict(ckpt["ema_model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        tgn.load_state_dict(ckpt["tgn"])
+        meta_optimizer.load_state_dict(ckpt["meta_optimizer"])
+        prob_bank.copy_(ckpt["prob_bank"])
+        tau_bank.copy_(ckpt["tau_bank"])
+        set_rng_states(ckpt["rng"])
+        best_top1, seconds_before = ckpt["best_top1"], ckpt["seconds"]
+    metrics_path = out / "metrics.jsonl"
+    if ckpt and metrics_path.exists():  # drop records written after the checkpoint by the interrupted run
+        keep = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= first_step]
+        metrics_path.write_text("".join(l + "\n" for l in keep))
+    elif not ckpt:
+        metrics_path.write_text("")
+    writer = None
+    if args.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+        writer = SummaryWriter(str(out))
+
+    def log(record):
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if writer:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    writer.add_scalar(f"{record['kind']}/{k}", v, record["step"])
+
+    def checkpoint(step):
+        save_checkpoint(out / "checkpoint.pt", {
+            "step": step, "model": model.state_dict(), "ema_model": ema_model.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states(),
+            "tgn": tgn.state_dict(), "meta_optimizer": meta_optimizer.state_dict(),
+            "prob_bank": prob_bank, "tau_bank": tau_bank,
+            "best_top1": best_top1, "seconds": seconds_before + time.perf_counter() - start_time,
+            "args": dataclasses.asdict(args)})
+
+    # --- the training loop ---
+    print(f"[{ALGORITHM}] {args.dataset}: {len(labeled_idx)} labeled, {len(unlabeled_idx)} unlabeled, "
+          f"{len(test_y)} test | net {args.net} on {device} | extension "
+          f"{'sslkernels' if sslkernels is not None else 'absent (pure PyTorch fallback)'} | output {out}")
+    start_time = time.perf_counter()
+    step_seconds, window, window_steps, window_start, eval_result = [], None, 0, time.perf_counter(), None
+    last_step = args.total_steps if args.stop_after <= 0 else min(args.total_steps, first_step + args.stop_after)
+    batches = iter(loader)
+    step_start = time.perf_counter()
+    for step in range(first_step + 1, last_step + 1):
+        batch = next(batches)
+        x_l, y_l = prepare(batch["x_l"]), batch["y_l"].to(device, non_blocking=True)
+        if args.labeled_only:
+            with autocast():
+                logits = forward(x_l).float()
+            loss = F.cross_entropy(logits, y_l)
+            stats = {"loss_s": loss}
+        else:
+            # labeled, weak and strong views in ONE forward: BatchNorm sees them together
+            x_us = prepare(batch["x_us"])
+            inputs = torch.cat([x_l, prepare(batch["x_uw"]), x_us])
+            with autocast():
+                logits = forward(inputs).float()
+            # ---- Meta-T (the part other methods change) ----
+            n_u, idx_u = len(x_us), batch["idx_u"].to(device, non_blocking=True)
+            probs_w = torch.softmax(logits[args.batch_size:-n_u].detach(), dim=1)
+            prob_bank[idx_u] = probs_w  # before Eq. 5: pbar then holds this batch's current predictions
+            pbar = class_confidence(prob_bank)[0]
+            meta = (step - 1) % args.meta_interval == 0  # Algorithm 2 counts iterations t = step - 1 from 0
+            if meta:  # bi-level step: Eqs. 8, 9 / 16; Green Meta-T skips it on the other steps
+                theta_grads, loss_meta = meta_gradient(model, tgn, logits[-n_u:], probs_w, pbar, x_l, y_l, x_us,
+                                                       scheduler.get_last_lr()[0], args, autocast)
+                for theta, g in zip(tgn.parameters(), theta_grads):
+                    theta.grad = g
+                meta_optimizer.step()
+            with torch.no_grad():
+                tau = tgn_thresholds(tgn, probs_w, pbar)  # the updated TGN's thresholds, constants for Eq. 10
+            tau_bank[idx_u] = tau
+            loss, stats, mask, pseudo_label = meta_t_loss(logits, y_l, probs_w, tau, args)  # reuses the forward
+            # pseudo-label diagnostics; y_u = -1 where the true label is unknown
+            y_u = batch["y_u"].to(device, non_blocking=True)
+            known, correct = (y_u >= 0).float(), (pseudo_label == y_u).float()
+            selected = (mask >= 0.5).float()  # a surrogate mask selects a sample when above 1/2
+            stats.update(mask_rate=mask.mean(), selected=(selected * known).sum(),
+                         selected_correct=(selected * correct).sum(), known=known.sum(), correct=correct.sum(),
+                         tau_mean=tau.mean(), meta_steps=loss.new_ones(()) if meta else loss.new_zeros(()),
+                         loss_meta=loss_meta if meta else loss.new_zeros(()))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        ema_update(ema_model, model, args.ema)
+
+        # --- logging, evaluation, checkpoints ---
+        # summed on the device and read once per log interval: no host sync on the hot path
+        keys = ["loss", *stats]
+        stats = torch.stack([loss.detach(), *(v.detach().float() for v in stats.values())])
+        window = stats if window is None else window + stats
+        window_steps += 1
+        now = time.perf_counter()
+        step_seconds.append(now - step_start)
+        if step % args.log_every == 0 or step == last_step:
+            n, w = window_steps, dict(zip(keys, window.tolist()))
+            rec = {"step": step, "kind": "train", "lr": scheduler.get_last_lr()[0]}
+            rec.update({k: w[k] / n for k in ("loss", "loss_s", "loss_u", "mask_rate", "tau_mean") if k in w})
+            if "known" in w:  # accuracy of the selected pseudo-labels, and of all of them
+                rec["pseudo_label_acc"] = w["selected_correct"] / w["selected"] if w["selected"] else float("nan")
+                rec["pseudo_label_acc_all"] = w["correct"] / w["known"] if w["known"] else float("nan")
+                # Meta-T's diagnostics (Figs. 4, 5): selected pseudo-labels over the interval, thresholds now
+                rec.update(selected_correct=round(w["selected_correct"]),
+                           selected_wrong=round(w["selected"] - w["selected_correct"]),
+                           meta_steps=round(w["meta_steps"]),
+                           loss_meta=w["loss_meta"] / w["meta_steps"] if w["meta_steps"] else float("nan"),
+                           **threshold_diagnostics(tau_bank, prob_bank))
+            rate = n / (now - window_start)
+            rec["steps_per_second"] = rate
+            log(rec)
+            eta = (last_step - step) / rate
+            print(f"[{ALGORITHM}] step {step}/{args.total_steps} loss {rec['loss']:.4f}"
+                  + (f" mask {rec['mask_rate']:.3f} pl_acc {rec['pseudo_label_acc']:.3f} tau {rec['tau_mean']:.3f}"
+                     if "known" in w else "")
+                  + f" lr {rec['lr']:.4f} | {rate:.2f} steps/s | ETA {eta / 60:.1f} min", flush=True)
+            window, window_steps, window_start = None, 0, time.perf_counter()
+        if step % args.eval_every == 0 or step == args.total_steps:
+            eval_result = evaluate(ema_model, test_images, test_labels, classes, args, prepare, autocast)
+            best_top1 = max(best_top1, eval_result["top1"])
+            rec = {"step": step, "kind": "eval", **eval_result, "best_top1": best_top1}
+            if len(val_idx):
+                val = evaluate(ema_model, torch.from_numpy(train_x[val_idx]), torch.from_numpy(labels[val_idx]),
+                               classes, args, prepare, autocast)
+                rec.update(val_top1=val["top1"], val_balanced_acc=val["balanced_acc"])
+            log(rec)
+            print(f"[{ALGORITHM}] eval step {step}: top1 {eval_result['top1']:.4f} "
+                  f"balanced {eval_result['balanced_acc']:.4f} best {best_top1:.4f}", flush=True)
+            checkpoint(step)
+        step_start = time.perf_counter()
+    if last_step % args.eval_every and last_step != args.total_steps:
+        checkpoint(last_step)  # a planned stop: keep everything needed to resume
+    del batches
+
+    warm = step_seconds[max(10, len(step_seconds) // 10):] or step_seconds
+    summary = {"algorithm": ALGORITHM, "steps": last_step, "finished": last_step == args.total_steps,
+               "top1": eval_result["top1"] if eval_result else None, "best_top1": best_top1,
+               "balanced_acc": eval_result["balanced_acc"] if eval_result else None,
+               "per_class_acc": eval_result["per_class_acc"] if eval_result else None,
+               "seconds": seconds_before + time.perf_counter() - start_time,
+               "seconds_per_step": float(np.median(warm)) if warm else None, "args": dataclasses.asdict(args)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if args.plots:
+        plot_diagnostics(metrics_path, out)
+    if writer:
+        writer.close()
+    return summary
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        summary = train(args)
+    except UserError as e:
+        sys.exit(f"{ALGORITHM}.py: error: {e}")
+    if summary["top1"] is not None:
+        print(f"[{ALGORITHM}] final top1 {summary['top1']:.4f}, best {summary['best_top1']:.4f}, "
+              f"balanced {summary['balanced_acc']:.4f}, {summary['seconds_per_step']:.4f} s/step")
+
+
+if __name__ == "__main__":
+    main()

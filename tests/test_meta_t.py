@@ -1,0 +1,214 @@
+"""Behaviour of algorithms/meta_t.py: Meta-T, Green Meta-T and the first-order meta-gradient (CPU, seconds)."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad
+
+from conftest import load_algorithm
+
+
+@pytest.fixture(scope="session")
+def meta_t():
+    return load_algorithm("meta_t")
+
+
+def tiny(tmp_path, *extra, name="run"):
+    """Flags of a few-step run on the generated dataset."""
+    return ["--dataset", "synthetic", "--labels", "8", "--batch-size", "8", "--uratio", "2",
+            "--total-steps", "4", "--eval-every", "2", "--log-every", "2", "--workers", "0",
+            "--output-dir", str(tmp_path / name), *extra]
+
+
+def records(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("extra", [
+    ["--meta-grad", "exact"],
+    ["--meta-grad", "fd", "--plots"],
+    ["--meta-grad", "fd", "--fd-direction-at", "w", "--meta-interval", "2", "--hard-mask"],
+    ["--n1", "12", "--m1", "30", "--gamma-l", "4", "--gamma-u", "4", "--exclude-labeled"],
+    ["--labeled-only"],
+])
+def test_modes_run_and_log_the_diagnostics(meta_t, tmp_path, extra):
+    summary = meta_t.train(meta_t.parse_args(tiny(tmp_path, *extra)))
+    out = tmp_path / "run"
+    assert summary["finished"] and 0.0 <= summary["top1"] <= 1.0
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert {"tgn", "meta_optimizer", "prob_bank", "tau_bank"} <= set(ckpt)
+    train = [r for r in records(out) if r["kind"] == "train"]
+    if "--labeled-only" in extra:
+        assert "tau_hist" not in train[0]
+        return
+    unlabeled = len(ckpt["tau_bank"])
+    for r in train:
+        assert 0 < r["tau_mean"] < 1 and len(r["tau_class_mean"]) == 4 and len(r["tau_hist"]) == 20
+        assert 0 < sum(r["tau_hist"]) <= unlabeled  # samples thresholded so far
+        assert r["selected_correct"] + r["selected_wrong"] <= 2 * 16  # two steps of mu * B unlabeled samples
+        assert r["meta_steps"] == (1 if "--meta-interval" in extra else 2) and math.isfinite(r["loss_meta"])
+    if "--plots" in extra:
+        for png in ("thresholds_hist.png", "thresholds_per_class.png", "pseudo_labels.png"):
+            assert (out / png).stat().st_size > 1000
+
+
+def test_steps_with_frozen_tgn_and_hard_mask_equal_fixmatch_steps(meta_t, tmp_path, monkeypatch):
+    """TGN frozen to 0.95, indicator mask, no meta update: Meta-T steps are FixMatch steps (same lr for both)."""
+    fixmatch = load_algorithm("fixmatch")
+    monkeypatch.setattr(meta_t, "tgn_thresholds", lambda tgn, probs_w, pbar: torch.full_like(probs_w[:, 0], 0.95))
+    monkeypatch.setattr(meta_t, "meta_gradient", lambda model, tgn, *rest, **kw: (
+        [torch.zeros_like(p) for p in tgn.parameters()], torch.zeros(())))
+    for module in (fixmatch, meta_t):  # the schedules differ (cosine, step decay): hold the lr constant
+        make = module.make_optimizer
+        monkeypatch.setattr(module, "make_optimizer", lambda model, args, make=make: (
+            lambda opt: (opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0)))(make(model, args)[0]))
+    flags = ["--total-steps", "16", "--eval-every", "16", "--log-every", "4", "--ema", "0.9"]
+    fixmatch.train(fixmatch.parse_args(tiny(tmp_path, *flags, "--tau", "0.95", name="fixmatch")))
+    meta_t.train(meta_t.parse_args(tiny(tmp_path, *flags, "--hard-mask", name="meta_t")))
+    a = torch.load(tmp_path / "fixmatch" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "meta_t" / "checkpoint.pt", weights_only=False)
+    for part in ("model", "ema_model"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    for i, s in a["optimizer"]["state"].items():
+        assert torch.equal(s["momentum_buffer"], b["optimizer"]["state"][i]["momentum_buffer"])
+    ra, rb = records(tmp_path / "fixmatch"), records(tmp_path / "meta_t")
+    assert ra[-2]["mask_rate"] > 0.5  # the threshold did select pseudo-labels
+    for x, y in zip(ra, rb, strict=True):
+        for k in ("loss", "loss_s", "loss_u", "mask_rate", "top1"):
+            assert x.get(k) == y.get(k), (x["step"], k)
+
+
+def bilevel_problem(meta_t, batchnorm):
+    """A tiny classifier, a TGN, and one step's batch: labeled, weak and strong views, mu = 3."""
+    torch.manual_seed(0)
+    classes, b, mu = 3, 4, 3
+    if batchnorm:
+        model = meta_t.SmallCNN(1, classes)
+        x = torch.randn(b * (1 + 2 * mu), 1, 8, 8)
+    else:
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 8), torch.nn.Tanh(),
+                                    torch.nn.Linear(8, classes)).double()
+        x = torch.randn(b * (1 + 2 * mu), 3, 2, 2, dtype=torch.float64)
+    tgn = meta_t.make_tgn(classes, 16).to(x.dtype)
+    args = meta_t.parse_args(["--batch-size", str(b), "--uratio", str(mu)])
+    logits = model(x)
+    probs_w = logits[b:-b * mu].detach().softmax(1)
+    bank = torch.softmax(3 * torch.randn(20, classes, dtype=x.dtype), 1)
+    pbar = meta_t.class_confidence(bank)[0]
+    y_l = torch.randint(0, classes, (b,))
+    return model, tgn, args, dict(logits_us=logits[-b * mu:], probs_w=probs_w, pbar=pbar, x_l=x[:b], y_l=y_l,
+                                  x_us=x[-b * mu:], alpha=0.3)
+
+
+def test_exact_tgn_gradient_matches_direct_autograd_and_first_order_agrees(meta_t):
+    model, tgn, args, step = bilevel_problem(meta_t, batchnorm=False)
+    exact, _ = meta_t.meta_gradient(model, tgn, **step, args=args)
+    exact = torch.cat([g.flatten() for g in exact])
+
+    # L_meta(Theta) = CE(f(x_l; w - alpha * grad_w L_u(w, Theta)), y_l), written out and differentiated
+    w = {k: p.detach() for k, p in model.named_parameters()}
+    conf, yhat = step["probs_w"].max(1)
+    tgn_input = torch.cat([step["probs_w"], step["pbar"][yhat]], 1)
+
+    def meta_loss(theta):
+        def loss_u(w):
+            tau = functional_call(tgn, theta, (tgn_input,)).squeeze(1)
+            ce = F.cross_entropy(functional_call(model, w, (step["x_us"],)), yhat, reduction="none")
+            return (torch.sigmoid(args.beta * (conf - tau)) * ce).mean()
+        g = grad(loss_u)(w)
+        w_hat = {k: w[k] - step["alpha"] * g[k] for k in w}
+        return F.cross_entropy(functional_call(model, w_hat, (step["x_l"],)), step["y_l"])
+
+    direct = torch.cat([g.flatten() for g in grad(meta_loss)(dict(tgn.named_parameters())).values()])
+    assert exact.abs().max() > 1e-3 and torch.allclose(exact, direct, rtol=0, atol=1e-10)
+    for where in ("w_hat", "w"):
+        args.meta_grad, args.fd_direction_at = "fd", where
+        first_order, _ = meta_t.meta_gradient(model, tgn, **step, args=args)
+        assert F.cosine_similarity(torch.cat([g.flatten() for g in first_order]), exact, dim=0) >= 0.99, where
+
+
+@pytest.mark.parametrize("mode", [("exact", "w_hat"), ("fd", "w_hat"), ("fd", "w")])
+def test_meta_step_changes_neither_batchnorm_statistics_nor_weights(meta_t, mode):
+    model, tgn, args, step = bilevel_problem(meta_t, batchnorm=True)
+    args.meta_grad, args.fd_direction_at = mode
+    before = {k: t.clone() for k, t in model.state_dict().items()}  # after the step's forward
+    theta_grads, loss_meta = meta_t.meta_gradient(model, tgn, **step, args=args)
+    assert all(g.abs().sum() > 0 for g in theta_grads) and loss_meta > 0
+    for k, t in model.state_dict().items():
+        assert torch.equal(t, before[k]), k
+
+
+def test_green_meta_t_runs_the_meta_step_on_every_kth_iteration(meta_t, tmp_path):
+    k = 3
+    meta_t.train(meta_t.parse_args(tiny(tmp_path, "--meta-grad", "fd", "--fd-direction-at", "w", "--meta-interval",
+                                        str(k), "--total-steps", "8", "--eval-every", "8", "--log-every", "1")))
+    ran = {r["step"] for r in records(tmp_path / "run") if r["kind"] == "train" and r["meta_steps"]}
+    assert ran == {step for step in range(1, 9) if (step - 1) % k == 0}  # iterations t = step - 1 = 0, 3, 6
+
+
+def test_resume_is_bitwise_equal_to_an_uninterrupted_run(meta_t, tmp_path):
+    common = ["--total-steps", "7", "--eval-every", "3", "--meta-interval", "2"]
+    full = meta_t.train(meta_t.parse_args(tiny(tmp_path, *common, name="full")))
+    meta_t.train(meta_t.parse_args(tiny(tmp_path, *common, "--stop-after", "4", name="cut")))
+    resumed = meta_t.train(meta_t.parse_args(tiny(tmp_path, *common, "--resume", str(tmp_path / "cut"), name="cut")))
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+
+    def tensors(ckpt):
+        yield from ckpt["model"].items()
+        yield from ckpt["ema_model"].items()
+        yield from ckpt["tgn"].items()
+        yield "prob_bank", ckpt["prob_bank"]
+        yield "tau_bank", ckpt["tau_bank"]
+        for i, s in ckpt["optimizer"]["state"].items():
+            yield f"momentum{i}", s["momentum_buffer"]
+        for i, s in ckpt["meta_optimizer"]["state"].items():
+            yield from ((f"adam{i}.{n}", t) for n, t in s.items())
+
+    assert a["step"] == b["step"] == 7
+    for (name, ta), (_, tb) in zip(tensors(a), tensors(b), strict=True):
+        assert torch.equal(ta.nan_to_num(), tb.nan_to_num()) and torch.equal(ta.isnan(), tb.isnan()), name
+    assert resumed["top1"] == full["top1"]
+    assert [r["step"] for r in records(tmp_path / "cut")] == [r["step"] for r in records(tmp_path / "full")]
+
+
+def test_lr_is_divided_by_10_at_one_and_two_thirds(meta_t):
+    model = meta_t.SmallCNN(1, 10)
+    _, sched = meta_t.make_optimizer(model, meta_t.parse_args([]))  # Table 6: 300 epochs of 1024 steps
+    decay = sched.lr_lambdas[0]
+    assert [decay(t) for t in (0, 102399, 102400, 204799)] == [1, 1, 0.1, 0.1] and math.isclose(decay(204800), 0.01)
+
+
+def test_class_confidence_and_tgn(meta_t):
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.5, 0.4, 0.1], [0.1, 0.1, 0.8]])
+    mean, counts = meta_t.class_confidence_reference(probs)
+    assert counts.tolist() == [2, 0, 1]
+    assert torch.allclose(mean, torch.tensor([[0.6, 0.3, 0.1], [1 / 3] * 3, [0.1, 0.1, 0.8]]))
+    if meta_t.class_confidence is not meta_t.class_confidence_reference:  # the extension agrees
+        for a, b in zip(meta_t.class_confidence(probs), (mean, counts)):
+            assert torch.allclose(a, b)
+    tau = meta_t.tgn_thresholds(meta_t.make_tgn(3, 100), probs, mean)
+    assert tau.shape == (3,) and ((tau > 0.3) & (tau < 0.7)).all()  # a fresh TGN starts near 0.5
+
+
+def error_of(meta_t, argv):
+    with pytest.raises(SystemExit) as e:
+        meta_t.main(argv)
+    msg = str(e.value.code)
+    assert msg.startswith("meta_t.py: error: ") and "\n" not in msg
+    return msg
+
+
+def test_bad_method_flags_get_one_clear_line(meta_t, tmp_path):
+    assert "--meta-interval must be positive" in error_of(meta_t, tiny(tmp_path, "--meta-interval", "0"))
+    assert "unknown --meta-grad 'second'" in error_of(meta_t, tiny(tmp_path, "--meta-grad", "second"))
+    assert "unknown --fd-direction-at 'v'" in error_of(meta_t, tiny(tmp_path, "--fd-direction-at", "v"))
+    assert "--beta must be finite" in error_of(meta_t, tiny(tmp_path, "--beta", "inf"))
+    assert "--lr-milestones '1/3,x'" in error_of(meta_t, tiny(tmp_path, "--lr-milestones", "1/3,x"))
+    meta_t.train(meta_t.parse_args(tiny(tmp_path, "--stop-after", "1", name="r")))
+    msg = error_of(meta_t, tiny(tmp_path, "--meta-grad", "fd", "--resume", str(tmp_path / "r"), name="r"))
+    assert "trained with --meta-grad exact" in msg
