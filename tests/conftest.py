@@ -20,6 +20,15 @@ def load_algorithm(name):
     return sys.modules[key]
 
 
+def error_of(algorithm, argv):
+    """The one-line message that algorithm.main(argv) exits with (no traceback)."""
+    with pytest.raises(SystemExit) as e:
+        algorithm.main(argv)
+    msg = str(e.value.code)
+    assert msg.startswith(f"{algorithm.ALGORITHM}.py: error: ") and "\n" not in msg
+    return msg
+
+
 @pytest.fixture(scope="session")
 def fixmatch():
     return load_algorithm("fixmatch")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT
+from conftest import ROOT, error_of
 
 try:
     import sslkernels
@@ -150,14 +150,6 @@ def test_checkpoint_write_is_atomic(fixmatch, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         fixmatch.save_checkpoint(path, {"model": {"w": torch.zeros(2)}})
     assert torch.equal(torch.load(path)["model"]["w"], torch.ones(2))
-
-
-def error_of(fixmatch, argv):
-    with pytest.raises(SystemExit) as e:
-        fixmatch.main(argv)
-    msg = str(e.value.code)
-    assert msg.startswith("fixmatch.py: error: ") and "\n" not in msg
-    return msg
 
 
 def test_bad_input_gets_one_clear_line(fixmatch, tmp_path):

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad
 
-from conftest import load_algorithm
+from conftest import error_of, load_algorithm
 
 
 @pytest.fixture(scope="session")
@@ -193,14 +193,6 @@ def test_class_confidence_and_tgn(meta_t):
             assert torch.allclose(a, b)
     tau = meta_t.tgn_thresholds(meta_t.make_tgn(3, 100), probs, mean)
     assert tau.shape == (3,) and ((tau > 0.3) & (tau < 0.7)).all()  # a fresh TGN starts near 0.5
-
-
-def error_of(meta_t, argv):
-    with pytest.raises(SystemExit) as e:
-        meta_t.main(argv)
-    msg = str(e.value.code)
-    assert msg.startswith("meta_t.py: error: ") and "\n" not in msg
-    return msg
 
 
 def test_bad_method_flags_get_one_clear_line(meta_t, tmp_path):
