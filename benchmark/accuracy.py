@@ -1,5 +1,6 @@
-"""Accuracy of the algorithm files on one budget: runs each configuration for each seed, one run
-after another, and prints a markdown table of the final EMA top-1 (mean and std over seeds).
+"""Accuracy of the algorithm files on one budget: runs each configuration for each seed (--parallel
+runs at a time, one by default) and prints a markdown table of the final EMA top-1 (mean and std
+over seeds). Each run's console output goes to <out-dir>/<run>.log.
 
     python benchmark/accuracy.py                      # digits, 40 labels, 3000 steps, seeds 0 1 2
     python benchmark/accuracy.py --configs fixmatch supervised --seeds 0
