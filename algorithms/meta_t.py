@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.autograd.forward_ad as fwAD
 import torchvision.transforms.functional as TF
 from PIL import Image
 
@@ -67,8 +68,9 @@ class Args:
     net: str = arg("", "wrn28_2 | wrn28_8 | wrn37_2 | convlarge | cnn_small; empty = the dataset's default")
     batch_size: int = arg(32, "labeled batch size B (also the meta-data batch)")
     uratio: int = arg(6, "mu: the unlabeled batch holds mu * B samples")
-    lr: float = arg(0.03, "SGD learning rate, divided by 10 at each of --lr-milestones")
-    lr_milestones: str = arg("1/3,2/3", "fractions of --total-steps where the lr is divided by 10 (Table 6: epochs 100 and 200 of 300)")
+    lr: float = arg(0.03, "SGD learning rate")
+    lr_schedule: str = arg("step", "step: lr / 10 at each of --lr-milestones (Table 6) | cosine: FixMatch's (the paper's Fig. 4, Setting 2)")
+    lr_milestones: str = arg("1/3,2/3", "fractions of --total-steps where the step schedule divides the lr by 10 (Table 6: epochs 100 and 200 of 300)")
     momentum: float = arg(0.9, "SGD Nesterov momentum")
     weight_decay: float = arg(-1.0, "weight decay, not applied to BN and biases; -1 = 5e-4 (1e-3 for cifar100)")
     ema: float = arg(0.999, "decay of the EMA weights used for evaluation")
@@ -79,7 +81,7 @@ class Args:
     beta: float = arg(100.0, "sharpness of the surrogate mask sigmoid(beta * (conf - tau))")
     hard_mask: bool = arg(False, "classifier update with the indicator 1[conf >= tau] (the meta step keeps the surrogate)")
     meta_interval: int = arg(1, "Green Meta-T's k: meta step on the iterations t = step - 1 that k divides (Algorithm 2); 1 = Meta-T")
-    meta_grad: str = arg("exact", "exact: virtual step with a double backward | fd: first-order, two finite-difference forwards")
+    meta_grad: str = arg("exact", "exact: virtual step with a double backward | jvp: the same gradient by forward mode (Eq. 17) | fd: first-order, two finite-difference forwards")
     fd_direction_at: str = arg("w_hat", "with --meta-grad fd, take the meta-loss gradient v at w_hat (virtual step) or w (cheaper)")
     plots: bool = arg(False, "draw the threshold and pseudo-label diagnostics as PNGs into the output dir at the end")
     lambda_u: float = arg(1.0, "weight of the unlabeled loss")
@@ -508,13 +510,15 @@ def meta_t_loss(logits, y_l, probs_w, tau, args):
     return loss_s + args.lambda_u * loss_u, {"loss_s": loss_s, "loss_u": loss_u}, mask, pseudo_label
 
 
-def meta_gradient(model, tgn, logits_us, probs_w, pbar, x_l, y_l, x_us, alpha, args, autocast=contextlib.nullcontext):
+def meta_gradient(model, tgn, logits_us, probs_w, pbar, x_l, y_l, inputs, alpha, args, autocast=contextlib.nullcontext):
     """grad_Theta of the meta loss L_meta = CE(f(x_l; w_hat), y_l) (Eq. 12) after the virtual SGD step
     w_hat = w - alpha * grad_w L_u(w, Theta) (Eq. 8), for the TGN update (Eq. 9 / 16); also returns L_meta.
-    logits_us: strong-view logits of the step's forward, with their graph to w. The extra forwards run on
-    cloned buffers, so the meta step never changes the BatchNorm running statistics."""
+    inputs: the step's concatenated batch (labeled, weak, strong); logits_us: its strong-view logits, with their
+    graph to w. The extra forwards run on cloned buffers, so the meta step never changes the BatchNorm running
+    statistics."""
     params = dict(model.named_parameters())
     buffers = {k: b.clone() for k, b in model.named_buffers()}
+    n_u = len(logits_us)
 
     def f(w, x):
         with autocast():
@@ -527,21 +531,30 @@ def meta_gradient(model, tgn, logits_us, probs_w, pbar, x_l, y_l, x_us, alpha, a
         w_hat = {k: p - alpha * gk for (k, p), gk in zip(params.items(), g)}  # Eq. 8
         loss_meta = F.cross_entropy(f(w_hat, x_l), y_l)
         return torch.autograd.grad(loss_meta, list(tgn.parameters())), loss_meta.detach()
-    # First order. By Eq. 17, dL_meta/dS_j = -(alpha / (mu*B)) * v . grad_w CE_j(w) with v = grad L_meta(w_hat):
-    # the dot product is a directional derivative, taken as a central difference along v.
-    if args.fd_direction_at == "w_hat":
+    # Eq. 17: dL_meta/dS_j = -(alpha / (mu*B)) * v . grad_w CE_j(w) with v = grad L_meta(w_hat), exactly. The dot
+    # product is the directional derivative of CE_j along v: jvp takes it in forward mode through the step's whole
+    # concatenated forward (so BatchNorm sees the same batch: the exact gradient, without a double backward); fd
+    # approximates it by a central difference of two forwards of the strong batch alone (first order).
+    if args.meta_grad == "jvp" or args.fd_direction_at == "w_hat":
         g = torch.autograd.grad(loss_u.mean(), list(params.values()), retain_graph=True)
         at = {k: (p - alpha * gk).detach().requires_grad_() for (k, p), gk in zip(params.items(), g)}
     else:  # v = gradient of the labeled loss at w, from the labeled batch alone (BN sees that batch only)
         at = params
     loss_meta = F.cross_entropy(f(at, x_l), y_l)
     v = torch.autograd.grad(loss_meta, list(at.values()))
-    eps = 0.01 / torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in v])).clamp_min(1e-12)
-    with torch.no_grad():
-        ce_plus, ce_minus = (F.cross_entropy(f({k: p + sign * eps * vk for (k, p), vk in zip(params.items(), v)}, x_us),
-                                             pseudo_label, reduction="none") for sign in (1, -1))
-        dmeta_dmask = -(alpha / len(x_us)) * (ce_plus - ce_minus) / (2 * eps)
+    if args.meta_grad == "jvp":
+        with fwAD.dual_level():  # dual numbers, not torch.func.jvp: BatchNorm updates the (cloned) buffers in place
+            w = {k: fwAD.make_dual(p.detach(), vk) for (k, p), vk in zip(params.items(), v)}
+            strong_ce = F.cross_entropy(f(w, inputs)[-n_u:], pseudo_label, reduction="none")
+            directional = fwAD.unpack_dual(strong_ce).tangent
+    else:
+        eps = 0.01 / torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in v])).clamp_min(1e-12)
+        with torch.no_grad():
+            ce_plus, ce_minus = (F.cross_entropy(f({k: p + sign * eps * vk for (k, p), vk in zip(params.items(), v)},
+                                                   inputs[-n_u:]), pseudo_label, reduction="none") for sign in (1, -1))
+            directional = (ce_plus - ce_minus) / (2 * eps)
     # backpropagate dL_meta/dS_j through S_j(tau_j(Theta)) into the TGN (Eq. 16)
+    dmeta_dmask = -(alpha / n_u) * directional.detach()
     return torch.autograd.grad(mask, list(tgn.parameters()), grad_outputs=dmeta_dmask), loss_meta.detach()
 
 
@@ -596,7 +609,8 @@ def plot_diagnostics(metrics_path, out):
 # ---------------------------------------------------------------------------------------------
 def make_optimizer(model, args):
     """SGD Nesterov; no weight decay on BatchNorm parameters and biases (all the 1-D tensors).
-    Step decay (Table 6): lr / 10 at each milestone, a fraction of the total steps (1/3 of 300 x 1024 = epoch 100)."""
+    Step decay (Table 6): lr / 10 at each milestone, a fraction of the total steps (1/3 of 300 x 1024 = epoch 100);
+    or FixMatch's cosine, the schedule of the paper's comparison at equal training procedure (Fig. 4, Setting 2)."""
     params = list(model.parameters())
     groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": args.weight_decay},
               {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
@@ -609,7 +623,8 @@ def make_optimizer(model, args):
         raise UserError(f"--lr-milestones {args.lr_milestones!r}: want fractions in (0, 1] such as 1/3,2/3")
     milestones = [math.ceil(f * args.total_steps) for f in fractions]
     step_decay = lambda t: 0.1 ** sum(t >= m for m in milestones)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, step_decay)
+    cosine = lambda t: math.cos(7 * math.pi * t / (16 * args.total_steps))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, cosine if args.lr_schedule == "cosine" else step_decay)
 
 
 @torch.no_grad()
@@ -676,7 +691,7 @@ def set_rng_states(s):
 
 # The flags that define a run: resuming with different ones would silently train something else.
 RESUME_MUST_MATCH = ("dataset", "labels", "n1", "m1", "net", "seed", "batch_size", "uratio", "total_steps",
-                     "tgn_hidden", "meta_grad", "meta_interval", "fd_direction_at")
+                     "tgn_hidden", "meta_grad", "meta_interval", "fd_direction_at", "lr_schedule")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -694,10 +709,11 @@ def train(args):
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if not math.isfinite(args.beta):
         raise UserError("--beta must be finite: the meta step differentiates the surrogate mask (see --hard-mask)")
-    for name, choices in (("meta_grad", ("exact", "fd")), ("fd_direction_at", ("w_hat", "w"))):
+    for name, choices in (("meta_grad", ("exact", "jvp", "fd")), ("fd_direction_at", ("w_hat", "w")),
+                          ("lr_schedule", ("step", "cosine"))):
         if getattr(args, name) not in choices:
             raise UserError(f"unknown --{name.replace('_', '-')} {getattr(args, name)!r}; "
-                            f"choose {' or '.join(choices)}")
+                            f"choose {', '.join(choices[:-1])} or {choices[-1]}")
     if args.compile and args.meta_grad == "exact" and not args.labeled_only:
         raise UserError("--compile has no double backward for --meta-grad exact; use --meta-grad fd or no --compile")
     if args.plots and importlib.util.find_spec("matplotlib") is None:
@@ -832,7 +848,7 @@ def train(args):
             pbar = class_confidence(prob_bank)[0]
             meta = (step - 1) % args.meta_interval == 0  # Algorithm 2 counts iterations t = step - 1 from 0
             if meta:  # bi-level step: Eqs. 8, 9 / 16; Green Meta-T skips it on the other steps
-                theta_grads, loss_meta = meta_gradient(model, tgn, logits[-n_u:], probs_w, pbar, x_l, y_l, x_us,
+                theta_grads, loss_meta = meta_gradient(model, tgn, logits[-n_u:], probs_w, pbar, x_l, y_l, inputs,
                                                        scheduler.get_last_lr()[0], args, autocast)
                 for theta, g in zip(tgn.parameters(), theta_grads):
                     theta.grad = g

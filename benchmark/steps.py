@@ -30,11 +30,13 @@ ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = [
     ("FixMatch", "fixmatch", [], 1.0),
     ("Meta-T, exact", "meta_t", ["--meta-grad", "exact"], 3.0),
+    ("Meta-T, exact by forward mode (jvp)", "meta_t", ["--meta-grad", "jvp"], 3.0),
     ("Meta-T, first-order, v at w", "meta_t", ["--meta-grad", "fd", "--fd-direction-at", "w"], None),
     ("Meta-T, first-order, v at w_hat", "meta_t", ["--meta-grad", "fd", "--fd-direction-at", "w_hat"], None),
     ("Green Meta-T k=4, first-order, v at w", "meta_t",
      ["--meta-grad", "fd", "--fd-direction-at", "w", "--meta-interval", "4"], None),
     ("Green Meta-T k=4, exact", "meta_t", ["--meta-grad", "exact", "--meta-interval", "4"], 6 / 4),
+    ("Green Meta-T k=4, exact by forward mode (jvp)", "meta_t", ["--meta-grad", "jvp", "--meta-interval", "4"], 6 / 4),
 ]
 
 # Loads the script by path (as the tests do) and runs its main(); optionally with identity augmentations

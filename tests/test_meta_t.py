@@ -29,6 +29,7 @@ def records(out):
 
 @pytest.mark.parametrize("extra", [
     ["--meta-grad", "exact"],
+    ["--meta-grad", "jvp", "--lr-schedule", "cosine"],
     ["--meta-grad", "fd", "--plots"],
     ["--meta-grad", "fd", "--fd-direction-at", "w", "--meta-interval", "2", "--hard-mask"],
     ["--n1", "12", "--m1", "30", "--gamma-l", "4", "--gamma-u", "4", "--exclude-labeled"],
@@ -82,13 +83,13 @@ def test_steps_with_frozen_tgn_and_hard_mask_equal_fixmatch_steps(meta_t, tmp_pa
             assert x.get(k) == y.get(k), (x["step"], k)
 
 
-def bilevel_problem(meta_t, batchnorm):
+def bilevel_problem(meta_t, batchnorm, dtype=torch.float32):
     """A tiny classifier, a TGN, and one step's batch: labeled, weak and strong views, mu = 3."""
     torch.manual_seed(0)
     classes, b, mu = 3, 4, 3
     if batchnorm:
-        model = meta_t.SmallCNN(1, classes)
-        x = torch.randn(b * (1 + 2 * mu), 1, 8, 8)
+        model = meta_t.SmallCNN(1, classes).to(dtype)
+        x = torch.randn(b * (1 + 2 * mu), 1, 8, 8, dtype=dtype)
     else:
         model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 8), torch.nn.Tanh(),
                                     torch.nn.Linear(8, classes)).double()
@@ -101,7 +102,7 @@ def bilevel_problem(meta_t, batchnorm):
     pbar = meta_t.class_confidence(bank)[0]
     y_l = torch.randint(0, classes, (b,))
     return model, tgn, args, dict(logits_us=logits[-b * mu:], probs_w=probs_w, pbar=pbar, x_l=x[:b], y_l=y_l,
-                                  x_us=x[-b * mu:], alpha=0.3)
+                                  inputs=x, alpha=0.3)
 
 
 def test_exact_tgn_gradient_matches_direct_autograd_and_first_order_agrees(meta_t):
@@ -117,7 +118,7 @@ def test_exact_tgn_gradient_matches_direct_autograd_and_first_order_agrees(meta_
     def meta_loss(theta):
         def loss_u(w):
             tau = functional_call(tgn, theta, (tgn_input,)).squeeze(1)
-            ce = F.cross_entropy(functional_call(model, w, (step["x_us"],)), yhat, reduction="none")
+            ce = F.cross_entropy(functional_call(model, w, (step["inputs"][-len(yhat):],)), yhat, reduction="none")
             return (torch.sigmoid(args.beta * (conf - tau)) * ce).mean()
         g = grad(loss_u)(w)
         w_hat = {k: w[k] - step["alpha"] * g[k] for k in w}
@@ -125,13 +126,26 @@ def test_exact_tgn_gradient_matches_direct_autograd_and_first_order_agrees(meta_
 
     direct = torch.cat([g.flatten() for g in grad(meta_loss)(dict(tgn.named_parameters())).values()])
     assert exact.abs().max() > 1e-3 and torch.allclose(exact, direct, rtol=0, atol=1e-10)
+    args.meta_grad = "jvp"
+    forward_mode, _ = meta_t.meta_gradient(model, tgn, **step, args=args)
+    assert torch.allclose(torch.cat([g.flatten() for g in forward_mode]), exact, rtol=0, atol=1e-10)
     for where in ("w_hat", "w"):
         args.meta_grad, args.fd_direction_at = "fd", where
         first_order, _ = meta_t.meta_gradient(model, tgn, **step, args=args)
         assert F.cosine_similarity(torch.cat([g.flatten() for g in first_order]), exact, dim=0) >= 0.99, where
 
 
-@pytest.mark.parametrize("mode", [("exact", "w_hat"), ("fd", "w_hat"), ("fd", "w")])
+def test_forward_mode_gradient_equals_the_double_backward_through_batchnorm(meta_t):
+    model, tgn, args, step = bilevel_problem(meta_t, batchnorm=True, dtype=torch.float64)
+    exact, loss_exact = meta_t.meta_gradient(model, tgn, **step, args=args)
+    args.meta_grad = "jvp"
+    forward_mode, loss_forward_mode = meta_t.meta_gradient(model, tgn, **step, args=args)
+    exact, forward_mode = (torch.cat([g.flatten() for g in grads]) for grads in (exact, forward_mode))
+    assert exact.abs().max() > 1e-6 and torch.allclose(forward_mode, exact, rtol=1e-7, atol=1e-12)
+    assert torch.allclose(loss_forward_mode, loss_exact, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("mode", [("exact", "w_hat"), ("jvp", "w_hat"), ("fd", "w_hat"), ("fd", "w")])
 def test_meta_step_changes_neither_batchnorm_statistics_nor_weights(meta_t, mode):
     model, tgn, args, step = bilevel_problem(meta_t, batchnorm=True)
     args.meta_grad, args.fd_direction_at = mode
@@ -183,6 +197,15 @@ def test_lr_is_divided_by_10_at_one_and_two_thirds(meta_t):
     assert [decay(t) for t in (0, 102399, 102400, 204799)] == [1, 1, 0.1, 0.1] and math.isclose(decay(204800), 0.01)
 
 
+def test_cosine_schedule_is_fixmatchs(meta_t):
+    fixmatch = load_algorithm("fixmatch")
+    model, flags = meta_t.SmallCNN(1, 10), ["--total-steps", "3000"]
+    _, cosine = meta_t.make_optimizer(model, meta_t.parse_args([*flags, "--lr-schedule", "cosine"]))
+    _, reference = fixmatch.make_optimizer(model, fixmatch.parse_args(flags))
+    assert [cosine.lr_lambdas[0](t) for t in (0, 1000, 2999)] == [reference.lr_lambdas[0](t) for t in (0, 1000, 2999)]
+    assert cosine.lr_lambdas[0](1000) < 1
+
+
 def test_class_confidence_and_tgn(meta_t):
     probs = torch.tensor([[0.7, 0.2, 0.1], [0.5, 0.4, 0.1], [0.1, 0.1, 0.8]])
     mean, counts = meta_t.class_confidence_reference(probs)
@@ -199,6 +222,8 @@ def test_bad_method_flags_get_one_clear_line(meta_t, tmp_path):
     assert "--meta-interval must be positive" in error_of(meta_t, tiny(tmp_path, "--meta-interval", "0"))
     assert "unknown --meta-grad 'second'" in error_of(meta_t, tiny(tmp_path, "--meta-grad", "second"))
     assert "unknown --fd-direction-at 'v'" in error_of(meta_t, tiny(tmp_path, "--fd-direction-at", "v"))
+    assert "unknown --lr-schedule 'linear'; choose step or cosine" in error_of(
+        meta_t, tiny(tmp_path, "--lr-schedule", "linear"))
     assert "--beta must be finite" in error_of(meta_t, tiny(tmp_path, "--beta", "inf"))
     assert "--lr-milestones '1/3,x'" in error_of(meta_t, tiny(tmp_path, "--lr-milestones", "1/3,x"))
     meta_t.train(meta_t.parse_args(tiny(tmp_path, "--stop-after", "1", name="r")))
