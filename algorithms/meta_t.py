@@ -716,7 +716,8 @@ def train(args):
             raise UserError(f"unknown --{name.replace('_', '-')} {getattr(args, name)!r}; "
                             f"choose {', '.join(choices[:-1])} or {choices[-1]}")
     if args.compile and args.meta_grad == "exact" and not args.labeled_only:
-        raise UserError("--compile has no double backward for --meta-grad exact; use --meta-grad fd or no --compile")
+        raise UserError("--compile has no double backward for --meta-grad exact; use --meta-grad jvp "
+                        "(the same gradient) or fd, or no --compile")
     if args.plots and importlib.util.find_spec("matplotlib") is None:
         raise UserError("--plots needs matplotlib: pip install matplotlib")
     device = torch.device(args.device)
