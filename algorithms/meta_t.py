@@ -555,7 +555,7 @@ def meta_gradient(model, tgn, logits_us, probs_w, pbar, x_l, y_l, inputs, alpha,
                                                    inputs[-n_u:]), pseudo_label, reduction="none") for sign in (1, -1))
             directional = (ce_plus - ce_minus) / (2 * eps)
     # backpropagate dL_meta/dS_j through S_j(tau_j(Theta)) into the TGN (Eq. 16)
-    dmeta_dmask = -(alpha / n_u) * directional.detach()
+    dmeta_dmask = -(alpha / n_u) * directional
     return torch.autograd.grad(mask, list(tgn.parameters()), grad_outputs=dmeta_dmask), loss_meta.detach()
 
 

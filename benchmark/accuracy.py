@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # name: (algorithm file, extra flags). Meta-T runs with FixMatch's batch (64 + 448) so that every row has
 # the same budget; its own defaults are the paper's Table 6 (32 + 192).
 # The _cosine rows also take FixMatch's lr schedule (the paper's Fig. 4, Setting 2), the others Table 6's step decay.
-# jvp computes the same meta-gradient as exact (a test checks it), in forward mode and about 1.8x faster on CPU.
+# jvp computes the same meta-gradient as exact (a test checks it), in forward mode: 1.4-1.8x faster in benchmark/steps.py.
 SAME_BATCH = ["--batch-size", "64", "--uratio", "7"]
 COSINE = [*SAME_BATCH, "--lr-schedule", "cosine"]
 FIRST_ORDER = ["--meta-grad", "fd", "--fd-direction-at", "w"]
