@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import functools
 import importlib.util
 import json
 import math
@@ -91,6 +92,7 @@ class Args:
     seed: int = arg(0, "seed of every RNG (split, data order, augmentation, init)")
     device: str = arg("", "cuda | cpu; empty = cuda when available")
     workers: int = arg(4, "data-loading worker processes (0 = load in the main process)")
+    threads: int = arg(0, "CPU threads of the training process; 0 = torch's default, except on CPU with workers: the cores they leave (at least 1)")
     eval_every: int = arg(5000, "evaluate (and checkpoint) every this many steps")
     log_every: int = arg(100, "log losses and pseudo-label diagnostics every this many steps")
     eval_batch_size: int = arg(1024, "batch size of evaluation")
@@ -264,16 +266,83 @@ def split_labeled(y, classes, args, rng):
 
 # Augmentation. Each function takes an explicit random.Random, so that a batch is a pure function
 # of (seed, step): resume restores the data exactly, whatever the number of workers.
+@functools.lru_cache(maxsize=None)
+def _reflect(start, size):
+    """Indices start, start+1, ... (size of them) into an axis of length `size`, mirrored at its
+    ends without repeating the edge: numpy's (and torchvision's) "reflect" padding."""
+    i = np.abs(np.arange(start, start + size))
+    return np.where(i > size - 1, 2 * (size - 1) - i, i)
+
+
 def weak_augment(x, rng, flip):
     """uint8 (H, W, C) -> random horizontal flip (not for digits / SVHN), then a random crop of the
-    image padded by 12.5% of its side with reflection. numpy: PIL's pad costs 10x more here."""
+    image padded by 12.5% of its side with reflection. The crop is gathered from the image directly:
+    padding it first (np.pad, PIL) costs several times more on small images."""
     if flip and rng.random() < 0.5:
         x = x[:, ::-1]
     h, w = x.shape[:2]
     pad = max(1, int(0.125 * w))
-    x = np.pad(x, ((pad, pad), (pad, pad), (0, 0)), mode="reflect")
     i, j = rng.randint(0, 2 * pad), rng.randint(0, 2 * pad)
-    return x[i:i + h, j:j + w]
+    return x[_reflect(i - pad, h)[:, None], _reflect(j - pad, w)]
+
+
+# RandAugment's colour operations are lookup tables and blends of uint8 pixels. torchvision hands
+# PIL images to PIL, which builds each table in a Python loop (80-200 us per image, most of the
+# data-loading time of a step on small images); these numpy versions compute the same pixels
+# (tests/test_fixmatch.py compares them with torchvision's at every magnitude) in a few us.
+def _grey(x):
+    """PIL's convert("L"): ITU-R 601-2 luma in 16-bit fixed point. (H, W, C) -> (H, W, 1)."""
+    if x.shape[2] == 1:
+        return x
+    r, g, b = (x[..., k].astype(np.int32) for k in range(3))
+    return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).astype(np.uint8)[..., None]
+
+
+def _blend(degenerate, x, factor):
+    """PIL's Image.blend(degenerate, x, factor): float32 arithmetic, truncated, clipped."""
+    degenerate = np.asarray(degenerate, np.float32)
+    out = degenerate + np.float32(factor) * (x.astype(np.float32) - degenerate)
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def _autocontrast(x):
+    """PIL's ImageOps.autocontrast: stretch each channel to span 0..255."""
+    out = x.copy()
+    for c in range(x.shape[2]):
+        lo, hi = int(x[..., c].min()), int(x[..., c].max())
+        if hi > lo:
+            scale = 255.0 / (hi - lo)
+            lut = (np.arange(256) * scale - lo * scale).astype(np.int64)  # int(): truncation, as PIL
+            out[..., c] = np.clip(lut, 0, 255).astype(np.uint8)[x[..., c]]
+    return out
+
+
+def _equalize(x):
+    """PIL's ImageOps.equalize: per channel, map grey levels through the cumulative histogram."""
+    out = x.copy()
+    for c in range(x.shape[2]):
+        hist = np.bincount(x[..., c].ravel(), minlength=256)
+        used = hist[hist > 0]
+        step = (int(used.sum()) - int(used[-1])) // 255
+        if len(used) > 1 and step > 0:
+            lut = (step // 2 + np.cumsum(hist) - hist) // step
+            out[..., c] = np.minimum(lut, 255).astype(np.uint8)[x[..., c]]
+    return out
+
+
+def _contrast(x, v):
+    """PIL's ImageEnhance.Contrast: blend with the image's mean grey level."""
+    g = _grey(x)
+    return _blend(int(g.sum(dtype=np.int64) / g.size + 0.5), x, v)
+
+
+def _pil(op):
+    """Run a PIL-image operation (torchvision's geometric ones) on a uint8 (H, W, C) array."""
+    def run(x, v):
+        h, w, c = x.shape
+        img = op(Image.fromarray(x.reshape(h, w) if c == 1 else x), v)
+        return np.asarray(img).reshape(h, w, c)
+    return run
 
 
 def _shear(img, v, axis):
@@ -286,33 +355,33 @@ def _translate(img, v, axis):
     return TF.affine(img, angle=0.0, translate=move, scale=1.0, shear=[0.0, 0.0], fill=128)
 
 
-# (operation, lowest magnitude, highest magnitude): the FixMatch paper's RandAugment table.
+# (operation on a uint8 (H, W, C) array, lowest magnitude, highest magnitude): the FixMatch paper's
+# RandAugment table; each is torchvision's operation of the same name (TF.*) on the PIL image.
 RANDAUGMENT_OPS = [
-    (lambda img, v: img, 0, 1),  # identity
-    (lambda img, v: TF.autocontrast(img), 0, 1),
-    (lambda img, v: TF.equalize(img), 0, 1),
-    (lambda img, v: TF.adjust_brightness(img, v), 0.05, 0.95),
-    (lambda img, v: TF.adjust_saturation(img, v), 0.05, 0.95),  # "Color" in PIL's naming
-    (lambda img, v: TF.adjust_contrast(img, v), 0.05, 0.95),
-    (lambda img, v: TF.adjust_sharpness(img, v), 0.05, 0.95),
-    (lambda img, v: TF.posterize(img, int(v)), 4, 8.99),
-    (lambda img, v: TF.solarize(img, v), 0, 256),
-    (lambda img, v: TF.rotate(img, v, fill=128), -30, 30),
-    (lambda img, v: _shear(img, v, 0), -0.3, 0.3),
-    (lambda img, v: _shear(img, v, 1), -0.3, 0.3),
-    (lambda img, v: _translate(img, v, 0), -0.3, 0.3),
-    (lambda img, v: _translate(img, v, 1), -0.3, 0.3),
+    (lambda x, v: x, 0, 1),  # identity
+    (lambda x, v: _autocontrast(x), 0, 1),
+    (lambda x, v: _equalize(x), 0, 1),
+    (lambda x, v: _blend(0, x, v), 0.05, 0.95),  # brightness: blend with black
+    (lambda x, v: _blend(_grey(x), x, v), 0.05, 0.95),  # saturation ("Color" in PIL): blend with grey
+    (_contrast, 0.05, 0.95),
+    (_pil(TF.adjust_sharpness), 0.05, 0.95),
+    (lambda x, v: x & np.uint8(~(2 ** (8 - int(v)) - 1) & 255), 4, 8.99),  # posterize to int(v) bits
+    (lambda x, v: np.where(x < v, x, 255 - x), 0, 256),  # solarize above v
+    (_pil(lambda img, v: TF.rotate(img, v, fill=128)), -30, 30),
+    (_pil(lambda img, v: _shear(img, v, 0)), -0.3, 0.3),
+    (_pil(lambda img, v: _shear(img, v, 1)), -0.3, 0.3),
+    (_pil(lambda img, v: _translate(img, v, 0)), -0.3, 0.3),
+    (_pil(lambda img, v: _translate(img, v, 1)), -0.3, 0.3),
 ]
 
 
 def strong_augment(x, rng, flip):
     """The weak view, then RandAugment (2 random ops at random magnitudes), then Cutout (FixMatch)."""
     h, w, c = x.shape
-    x = np.ascontiguousarray(weak_augment(x, rng, flip))
-    img = Image.fromarray(x.reshape(h, w) if c == 1 else x)
+    x = weak_augment(x, rng, flip)
     for op, low, high in rng.choices(RANDAUGMENT_OPS, k=2):
-        img = op(img, low + (high - low) * rng.random())
-    x = np.array(img).reshape(h, w, c)
+        x = op(x, low + (high - low) * rng.random())
+    x = np.array(x)  # a writable copy for Cutout
     side = int(rng.uniform(0, 0.5) * w)  # Cutout: a grey square of up to half the image side
     if side > 0:
         r, q = rng.randint(0, h - 1), rng.randint(0, w - 1)
@@ -721,6 +790,15 @@ def train(args):
     if args.plots and importlib.util.find_spec("matplotlib") is None:
         raise UserError("--plots needs matplotlib: pip install matplotlib")
     device = torch.device(args.device)
+    if args.threads < 0:
+        raise UserError(f"--threads must be 0 (automatic) or positive, got {args.threads}")
+    if args.threads == 0 and device.type == "cpu" and args.workers > 0:
+        # Training on the CPU, the data workers take cores too; intra-op threads that have to share
+        # a core wait for each other at every op (on 2 cores: 0.25 s per digits step instead of 0.13).
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        args.threads = max(1, cores - args.workers)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     ckpt = load_checkpoint(args.resume) if args.resume else None
     if ckpt is not None:
         for k in RESUME_MUST_MATCH:

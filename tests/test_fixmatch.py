@@ -113,6 +113,62 @@ def test_augmentations_keep_shape_and_dtype(fixmatch):
                 assert out.shape == shape and out.dtype == np.uint8
 
 
+def test_weak_crop_equals_a_crop_of_the_reflect_padded_image(fixmatch):
+    import random
+    for shape in [(8, 8, 1), (32, 32, 3), (12, 20, 3)]:
+        img = np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8)
+        pad = max(1, int(0.125 * shape[1]))
+        padded = np.pad(img, ((pad, pad), (pad, pad), (0, 0)), mode="reflect")
+        seen = set()
+        for seed in range(60):
+            rng, twin = random.Random(seed), random.Random(seed)
+            i, j = twin.randint(0, 2 * pad), twin.randint(0, 2 * pad)
+            seen.add((i, j))
+            expected = padded[i:i + shape[0], j:j + shape[1]]
+            assert np.array_equal(fixmatch.weak_augment(img, rng, False), expected)
+        assert len(seen) > 4  # the offsets did vary
+
+
+def test_randaugment_ops_equal_torchvision_on_pil_images(fixmatch):
+    """The colour operations are computed in numpy for speed; every operation must give the pixels
+    torchvision's function of the same name gives on the PIL image, at every magnitude."""
+    import torchvision.transforms.functional as TF
+    reference = [
+        lambda img, v: img, lambda img, v: TF.autocontrast(img), lambda img, v: TF.equalize(img),
+        TF.adjust_brightness, TF.adjust_saturation, TF.adjust_contrast, TF.adjust_sharpness,
+        lambda img, v: TF.posterize(img, int(v)), TF.solarize, lambda img, v: TF.rotate(img, v, fill=128),
+        lambda img, v: fixmatch._shear(img, v, 0), lambda img, v: fixmatch._shear(img, v, 1),
+        lambda img, v: fixmatch._translate(img, v, 0), lambda img, v: fixmatch._translate(img, v, 1)]
+    assert len(reference) == len(fixmatch.RANDAUGMENT_OPS)
+    gen = np.random.default_rng(0)
+    images = [gen.integers(lo, hi, shape, dtype=np.uint8)  # random ranges: means with every fraction
+              for lo, hi in [(0, 256), (30, 200), (0, 90), (150, 256)] for shape in [(8, 8, 1), (12, 12, 3)]]
+    images += [gen.integers(0, 256, (32, 32, 3), dtype=np.uint8),
+              (gen.random((16, 16, 3)) ** 4 * 255).astype(np.uint8),  # skewed histogram
+              gen.integers(100, 103, (12, 12, 1), dtype=np.uint8),  # three grey levels
+              np.full((8, 8, 3), 77, np.uint8)]  # constant: autocontrast and equalize leave it
+    for ref, (op, low, high) in zip(reference, fixmatch.RANDAUGMENT_OPS):
+        for img in images:
+            h, w, c = img.shape
+            for v in np.linspace(low, high, 9):
+                expected = np.asarray(ref(Image.fromarray(img.reshape(h, w) if c == 1 else img), float(v)))
+                assert np.array_equal(op(img, float(v)), expected.reshape(h, w, c)), (ref, img.shape, v)
+
+
+def test_cpu_threads_leave_cores_to_the_data_workers(fixmatch, tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        os = fixmatch.os
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        summary = fixmatch.train(fixmatch.parse_args(tiny(tmp_path, "--workers", "1", "--total-steps", "1")))
+        assert summary["args"]["threads"] == max(1, cores - 1) == torch.get_num_threads()
+        summary = fixmatch.train(fixmatch.parse_args(tiny(tmp_path, "--threads", "1", "--total-steps", "1")))
+        assert summary["args"]["threads"] == 1 == torch.get_num_threads()
+        assert "--threads must be 0" in error_of(fixmatch, tiny(tmp_path, "--threads", "-1"))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def state_tensors(ckpt):
     yield from ckpt["model"].items()
     yield from ckpt["ema_model"].items()
