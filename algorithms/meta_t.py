@@ -932,6 +932,7 @@ def train(args):
                 for theta, g in zip(tgn.parameters(), theta_grads):
                     theta.grad = g
                 meta_optimizer.step()
+                tgn_grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in theta_grads]))
             with torch.no_grad():
                 tau = tgn_thresholds(tgn, probs_w, pbar)  # the updated TGN's thresholds, constants for Eq. 10
             tau_bank[idx_u] = tau
@@ -943,7 +944,10 @@ def train(args):
             stats.update(mask_rate=mask.mean(), selected=(selected * known).sum(),
                          selected_correct=(selected * correct).sum(), known=known.sum(), correct=correct.sum(),
                          tau_mean=tau.mean(), meta_steps=loss.new_ones(()) if meta else loss.new_zeros(()),
-                         loss_meta=loss_meta if meta else loss.new_zeros(()))
+                         loss_meta=loss_meta if meta else loss.new_zeros(()),
+                         tgn_grad_norm=tgn_grad_norm if meta else loss.new_zeros(()),
+                         # samples whose surrogate mask still responds to tau: only they send the TGN a gradient
+                         mask_undecided=((mask > 0.01) & (mask < 0.99)).float().mean())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -970,6 +974,8 @@ def train(args):
                            selected_wrong=round(w["selected"] - w["selected_correct"]),
                            meta_steps=round(w["meta_steps"]),
                            loss_meta=w["loss_meta"] / w["meta_steps"] if w["meta_steps"] else float("nan"),
+                           tgn_grad_norm=w["tgn_grad_norm"] / w["meta_steps"] if w["meta_steps"] else float("nan"),
+                           mask_undecided=w["mask_undecided"] / n,
                            **threshold_diagnostics(tau_bank, prob_bank))
             rate = n / (now - window_start)
             rec["steps_per_second"] = rate

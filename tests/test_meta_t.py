@@ -51,6 +51,7 @@ def test_modes_run_and_log_the_diagnostics(meta_t, tmp_path, extra):
         assert 0 < sum(r["tau_hist"]) <= unlabeled  # samples thresholded so far
         assert r["selected_correct"] + r["selected_wrong"] <= 2 * 16  # two steps of mu * B unlabeled samples
         assert r["meta_steps"] == (1 if "--meta-interval" in extra else 2) and math.isfinite(r["loss_meta"])
+        assert r["tgn_grad_norm"] > 0 and 0 <= r["mask_undecided"] <= 1
     if "--plots" in extra:
         for png in ("thresholds_hist.png", "thresholds_per_class.png", "pseudo_labels.png"):
             assert (out / png).stat().st_size > 1000
