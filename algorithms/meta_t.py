@@ -287,7 +287,7 @@ def weak_augment(x, rng, flip):
 
 
 # RandAugment's colour operations are lookup tables and blends of uint8 pixels. torchvision hands
-# PIL images to PIL, which builds each table in a Python loop (80-200 us per image, most of the
+# PIL images to PIL, which builds most tables in a Python loop (up to 200 us per image, most of the
 # data-loading time of a step on small images); these numpy versions compute the same pixels
 # (tests/test_fixmatch.py compares them with torchvision's at every magnitude) in a few us.
 def _grey(x):
