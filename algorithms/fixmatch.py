@@ -270,7 +270,7 @@ def weak_augment(x, rng, flip):
 # RandAugment's colour operations are lookup tables and blends of uint8 pixels. torchvision hands
 # PIL images to PIL, which builds most tables in a Python loop (up to 200 us per image, most of the
 # data-loading time of a step on small images); these numpy versions compute the same pixels
-# (tests/test_fixmatch.py compares them with torchvision's at every magnitude) in a few us.
+# (tests/test_fixmatch.py compares them with torchvision's at every magnitude) in 2-50 us.
 def _grey(x):
     """PIL's convert("L"): ITU-R 601-2 luma in 16-bit fixed point. (H, W, C) -> (H, W, 1)."""
     if x.shape[2] == 1:
@@ -318,7 +318,7 @@ def _contrast(x, v):
 
 
 def _pil(op):
-    """Run a PIL-image operation (torchvision's geometric ones) on a uint8 (H, W, C) array."""
+    """Run a PIL-image operation (torchvision's geometric ones and sharpness) on a uint8 (H, W, C) array."""
     def run(x, v):
         h, w, c = x.shape
         img = op(Image.fromarray(x.reshape(h, w) if c == 1 else x), v)

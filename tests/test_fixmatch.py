@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -160,12 +161,10 @@ class _Niceness(torch.utils.data.Dataset):
         return 1
 
     def __getitem__(self, i):
-        import os
         return os.nice(0)
 
 
 def test_data_workers_run_below_the_training_process(fixmatch):
-    import os
     loader = torch.utils.data.DataLoader(_Niceness(), batch_size=None, num_workers=1,
                                          worker_init_fn=fixmatch.worker_init)
     assert next(iter(loader)) == min(19, os.nice(0) + 19)
