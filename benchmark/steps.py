@@ -10,9 +10,11 @@ the cores), with the same flags and --workers 0. A run's time per step is the me
 of 4 steps after --warmup (the `steps_per_second` of its metrics.jsonl, logged every 4 steps): a window
 holds one whole cycle of Green Meta-T with k = 4 (one meta step, three plain ones), which the median
 step of summary.json's `seconds_per_step` would miss, and the median window shrugs off bursts of other
-jobs on the machine. The variants run round-robin --repeat times and each keeps its fastest run. By default the views are not augmented (identity): on CPU, RandAugment of the 7 * 64 strong
-views costs more than the small network's step and is the same for every method, so it would dilute the
-ratios; --augment keeps it. Algorithm files that do not exist yet are skipped.
+jobs on the machine. The variants run round-robin --repeat times and each keeps its fastest run; the
+table also gives, per variant, the median and range over rounds of its ratio to the FixMatch run of the
+same round, which pairs runs made close together when the background load moves. By default the views
+are not augmented (identity): on CPU, RandAugment of the 7 * 64 strong views costs more than the small
+network's step and is the same for every method, so it would dilute the ratios; --augment keeps it. Algorithm files that do not exist yet are skipped.
 """
 
 import argparse
@@ -82,7 +84,7 @@ def main():
           f"best of {a.repeat}")
     variants = [v for v in VARIANTS if (ROOT / "algorithms" / f"{v[1]}.py").exists()
                 and (not a.only or any(s in v[0] for s in a.only.split(",")))]
-    best = {}
+    best, rounds = {}, [{} for _ in range(a.repeat)]
     with tempfile.TemporaryDirectory() as tmp:
         for rnd in range(a.repeat):
             for label, script, flags, _ in variants:
@@ -97,12 +99,17 @@ def main():
                 rates = [r["steps_per_second"] for r in records if r["kind"] == "train" and r["step"] > a.warmup]
                 seconds = statistics.median(1 / r for r in rates)
                 best[label] = min(seconds, best.get(label, math.inf))
+                rounds[rnd][label] = seconds
                 print(f"  round {rnd + 1}, {label}: {seconds:.4f} s/step", flush=True)
     base = best.get(VARIANTS[0][0])
-    print("\n| method | s/step | x FixMatch | paper |\n|---|---|---|---|")
+    print("\n| method | s/step | x FixMatch | x FixMatch of the same round: median (range) | paper |"
+          "\n|---|---|---|---|---|")
     for label, _, _, paper in variants:
         ratio = f"{best[label] / base:.2f}" if base else "-"
-        print(f"| {label} | {best[label]:.4f} | {ratio} | {f'{paper:.2f}' if paper else '-'} |")
+        # the background load moves between rounds: a ratio within one round pairs runs made close together
+        paired = sorted(r[label] / r[VARIANTS[0][0]] for r in rounds) if base else []
+        paired = f"{statistics.median(paired):.2f} ({paired[0]:.2f}-{paired[-1]:.2f})" if paired else "-"
+        print(f"| {label} | {best[label]:.4f} | {ratio} | {paired} | {f'{paper:.2f}' if paper else '-'} |")
 
 
 if __name__ == "__main__":
