@@ -14,7 +14,8 @@ jobs on the machine. The variants run round-robin --repeat times and each keeps 
 table also gives, per variant, the median and range over rounds of its ratio to the FixMatch run of the
 same round, which pairs runs made close together when the background load moves. By default the views
 are not augmented (identity): on CPU, RandAugment of the 7 * 64 strong views costs more than the small
-network's step and is the same for every method, so it would dilute the ratios; --augment keeps it. Algorithm files that do not exist yet are skipped.
+network's step and is the same for every method, so it would dilute the ratios; --augment keeps it.
+Algorithm files that do not exist yet are skipped.
 """
 
 import argparse
