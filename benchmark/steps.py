@@ -71,6 +71,8 @@ def main():
     p.add_argument("--threads", type=int, default=0, help="torch threads of every run; 0 = torch's default")
     p.add_argument("--repeat", type=int, default=3, help="rounds over the variants; each keeps its fastest")
     p.add_argument("--quick", action="store_true", help="one round of 20 steps of batch 16: checks that it runs")
+    p.add_argument("--compile", action="store_true",
+                   help="pass --compile to every run (skips the double-backward variants, which it does not support)")
     p.add_argument("--only", default="", help="comma-separated substrings: run only the variants whose label has one")
     a = p.parse_args()
     if a.quick:
@@ -84,7 +86,10 @@ def main():
           f"{'real' if a.augment else 'identity'} augmentations, {a.threads or 'default'} torch threads, "
           f"best of {a.repeat}")
     variants = [v for v in VARIANTS if (ROOT / "algorithms" / f"{v[1]}.py").exists()
-                and (not a.only or any(s in v[0] for s in a.only.split(",")))]
+                and (not a.only or any(s in v[0] for s in a.only.split(",")))
+                and not (a.compile and "exact" in v[2])]
+    if a.compile:  # compiled in the first steps, which --warmup leaves out
+        common.append("--compile")
     best, rounds = {}, [{} for _ in range(a.repeat)]
     with tempfile.TemporaryDirectory() as tmp:
         for rnd in range(a.repeat):
