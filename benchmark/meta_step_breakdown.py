@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,10 +79,7 @@ def main():
 
     def part_forward_mode():  # every strong view's derivative along v: one pass with dual numbers
         buffers = {k: b.clone() for k, b in model.named_buffers()}
-        with fwAD.dual_level():
-            duals = {k: fwAD.make_dual(w.detach(), t) for (k, w), t in zip(params.items(), v)}
-            out = torch.func.functional_call(model, {**duals, **buffers}, (inputs,))[-n_u:]
-            fwAD.unpack_dual(out).tangent.sum().item()
+        meta_t.strong_view_directional_derivative(model, params, buffers, v, inputs, state["probs_w"].argmax(dim=1))
 
     def whole_meta_step():  # the real thing, on the graph of part_forward
         meta_t.meta_gradient(model, tgn, state["logits"][-n_u:], state["probs_w"], pbar, x_l, y_l, inputs,
