@@ -101,7 +101,7 @@ class Args:
     stop_after: int = arg(0, "stop after this many steps of this invocation (a planned interruption; resume later); 0 = never")
     channels_last: bool = arg(True, "channels_last memory format (faster convolutions on CUDA and CPU)")
     bf16: bool = arg(True, "bfloat16 autocast for the forward passes (CUDA only)")
-    compile: bool = arg(False, "torch.compile the training forward")
+    compile: bool = arg(False, "torch.compile the training forward (and the forward-mode pass of --meta-grad jvp)")
     tensorboard: bool = arg(False, "also write TensorBoard logs to the output dir")
 
 
@@ -860,7 +860,7 @@ def train(args):
     optimizer, scheduler = make_optimizer(model, args)
     if args.compile:
         # the meta step backpropagates through the compiled forward twice (retain_graph=True); AOTAutograd's donated
-        # buffers, freed by the first backward, make the second one fail (seen at B = 64, mu = 7)
+        # buffers, freed by the first backward, make the second one fail (seen on CPU, 1 thread, B = 64, mu = 7)
         torch._functorch.config.donated_buffer = False
     forward = torch.compile(model) if args.compile else model
     # --compile also compiles the forward-mode pass of --meta-grad jvp: it fuses the tangents' elementwise ops
