@@ -358,7 +358,7 @@ RANDAUGMENT_OPS = [
 
 def strong_augment(x, rng, flip):
     """The weak view, then RandAugment (2 random ops at random magnitudes), then Cutout (FixMatch)."""
-    h, w, c = x.shape
+    h, w = x.shape[:2]
     x = weak_augment(x, rng, flip)
     for op, low, high in rng.choices(RANDAUGMENT_OPS, k=2):
         x = op(x, low + (high - low) * rng.random())

@@ -377,7 +377,7 @@ RANDAUGMENT_OPS = [
 
 def strong_augment(x, rng, flip):
     """The weak view, then RandAugment (2 random ops at random magnitudes), then Cutout (FixMatch)."""
-    h, w, c = x.shape
+    h, w = x.shape[:2]
     x = weak_augment(x, rng, flip)
     for op, low, high in rng.choices(RANDAUGMENT_OPS, k=2):
         x = op(x, low + (high - low) * rng.random())
@@ -863,8 +863,8 @@ def train(args):
         # buffers, freed by the first backward, make the second one fail (seen on CPU, 1 thread, B = 64, mu = 7)
         torch._functorch.config.donated_buffer = False
     forward = torch.compile(model) if args.compile else model
-    # --compile also compiles the forward-mode pass of --meta-grad jvp: it fuses the tangents' elementwise ops
-    # (on CPU, cnn_small, 960 rows: 118 -> 85 ms)
+    # --compile also compiles the forward-mode pass of --meta-grad jvp (measured on CPU, cnn_small, 960 rows:
+    # 118 ms eager, 85 ms compiled)
     directional_derivative = (torch.compile(strong_view_directional_derivative) if args.compile
                               else strong_view_directional_derivative)
     # created after the classifier, whose initialisation then equals FixMatch's
