@@ -1,10 +1,14 @@
 """The Meta-T benchmarks reach into algorithms/meta_t.py (its functions, flags and metrics.jsonl), so a change
-there can break them without any algorithm test failing: run each at a tiny size and check what it prints."""
+there can break them without any algorithm test failing: run each at a tiny size and check what it prints.
+The kernel benchmark's autograd floor is checked to do the work its ceiling column assumes."""
 
+import importlib.util
 import re
 import subprocess
 import sys
 
+import pytest
+import torch
 from conftest import ROOT
 
 
@@ -39,3 +43,27 @@ def test_steps_benchmark_reports_ratios_to_fixmatch():
                          "Green Meta-T k=4, exact by forward mode (jvp)"}, out
     assert rows["FixMatch"][1] == "1.00"
     assert float(rows["Meta-T, exact by forward mode (jvp)"][1]) > 0
+
+
+@pytest.mark.parametrize("hard", [False, True])
+def test_kernel_benchmark_floor_writes_the_full_gradient(hard):
+    """The floor stands for the least a differentiable masked_ce must do: one node from the logits (and tau)
+    to an (N,) loss, whose backward writes an (N, C) gradient. Check that it computes tau + logits[:, 0]
+    and returns those gradients, so that eager / floor is a fair ceiling."""
+    pytest.importorskip("sslkernels")
+    spec = importlib.util.spec_from_file_location("kernels_benchmark", ROOT / "benchmark" / "kernels.py")
+    kernels = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kernels)
+    case = kernels.masked_ce_case(6, 4, torch.float32, "cpu", backward=True, hard=hard)
+    calls = case.make({"eager": kernels.reference.masked_ce})
+    assert set(calls) == {"eager", "floor"}
+    floor_grads = calls["floor"]()
+    assert len(floor_grads) == (1 if hard else 2)
+    upstream = torch.full((6,), 1.0 / 6)
+    expected_logits_grad = torch.zeros(6, 4)
+    expected_logits_grad[:, 0] = upstream
+    torch.testing.assert_close(floor_grads[0], expected_logits_grad)
+    if not hard:
+        torch.testing.assert_close(floor_grads[1], upstream)
+    # The eager provider is built the same way: its gradients have the same shapes.
+    assert [g.shape for g in calls["eager"]()] == [g.shape for g in floor_grads]
