@@ -210,7 +210,8 @@ def test_checkpoint_write_is_atomic(fixmatch, tmp_path, monkeypatch):
     fixmatch.save_checkpoint(path, {"model": {"w": torch.ones(2)}})
 
     def crash(obj, f):
-        open(f, "wb").write(b"partial")
+        with open(f, "wb") as partial:
+            partial.write(b"partial")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(torch, "save", crash)
