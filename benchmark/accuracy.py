@@ -31,6 +31,9 @@ FIRST_ORDER = ["--meta-grad", "fd", "--fd-direction-at", "w"]
 CONFIGS = {
     "fixmatch": ("fixmatch", []),
     "supervised": ("fixmatch", ["--labeled-only"]),
+    # FixMatch with a fixed threshold near the ones Meta-T learns on digits (0.46-0.58 at the end):
+    # does the learned, per-sample threshold do better than a constant one as low?
+    "fixmatch_tau05": ("fixmatch", ["--tau", "0.5"]),
     "meta_t": ("meta_t", SAME_BATCH),
     "meta_t_fd": ("meta_t", [*SAME_BATCH, *FIRST_ORDER]),
     "green_meta_t_fd_k4": ("meta_t", [*SAME_BATCH, *FIRST_ORDER, "--meta-interval", "4"]),
