@@ -415,8 +415,9 @@ def worker_init(_):
     torch.set_num_threads(1)  # workers only stack small arrays; leave the cores to the model
     # Lowest priority: workers fill the cores the training threads leave idle. At equal priority they
     # preempt those threads, which then wait for each other at every op (on 2 cores, CPU training:
-    # 0.09-0.14 s per digits step instead of 0.20-0.25).
-    os.nice(19)
+    # 0.09-0.14 s per digits step instead of 0.20-0.25). os.nice is POSIX only.
+    if hasattr(os, "nice"):
+        os.nice(19)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -434,8 +434,9 @@ def worker_init(_):
     torch.set_num_threads(1)  # workers only stack small arrays; leave the cores to the model
     # Lowest priority: workers fill the cores the training threads leave idle. At equal priority they
     # preempt those threads, which then wait for each other at every op (on 2 cores, CPU training:
-    # 0.09-0.14 s per digits step instead of 0.20-0.25).
-    os.nice(19)
+    # 0.09-0.14 s per digits step instead of 0.20-0.25). os.nice is POSIX only.
+    if hasattr(os, "nice"):
+        os.nice(19)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -633,7 +634,7 @@ def meta_gradient(model, tgn, logits_us, probs_w, pbar, x_l, y_l, inputs, alpha,
         with autocast():
             directional = directional_derivative(model, params, buffers, v, inputs, pseudo_label)
     else:
-        eps = 0.01 / torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in v])).clamp_min(1e-12)
+        eps = 0.01 / torch.nn.utils.get_total_norm(v).clamp_min(1e-12)
         with torch.no_grad():
             ce_plus, ce_minus = (F.cross_entropy(f({k: p + sign * eps * vk for (k, p), vk in zip(params.items(), v)},
                                                    inputs[-n_u:]), pseudo_label, reduction="none") for sign in (1, -1))
@@ -951,7 +952,7 @@ def train(args):
                 for theta, g in zip(tgn.parameters(), theta_grads):
                     theta.grad = g
                 meta_optimizer.step()
-                tgn_grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in theta_grads]))
+                tgn_grad_norm = torch.nn.utils.get_total_norm(theta_grads)
             with torch.no_grad():
                 tau = tgn_thresholds(tgn, probs_w, pbar)  # the updated TGN's thresholds, constants for Eq. 10
             tau_bank[idx_u] = tau

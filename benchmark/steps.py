@@ -113,8 +113,8 @@ def main():
     for label, _, _, paper in variants:
         ratio = f"{best[label] / base:.2f}" if base else "-"
         # the background load moves between rounds: a ratio within one round pairs runs made close together
-        paired = sorted(r[label] / r[VARIANTS[0][0]] for r in rounds) if base else []
-        paired = f"{statistics.median(paired):.2f} ({paired[0]:.2f}-{paired[-1]:.2f})" if paired else "-"
+        same_round = sorted(r[label] / r[VARIANTS[0][0]] for r in rounds) if base else []
+        paired = f"{statistics.median(same_round):.2f} ({same_round[0]:.2f}-{same_round[-1]:.2f})" if same_round else "-"
         print(f"| {label} | {best[label]:.4f} | {ratio} | {paired} | {f'{paper:.2f}' if paper else '-'} |")
 
 
