@@ -60,9 +60,9 @@ class Args:
     data_dir: str = arg("./data", "torchvision download dir; for `folder`: holds train/<class>/* and test/<class>/*")
     labels: int = arg(40, "labeled samples, spread evenly over the classes")
     val_labels: int = arg(0, "labeled samples held out (evenly over classes) as a validation split; 0 = none")
-    exclude_labeled: bool = arg(False, "keep labeled samples out of the unlabeled set (FixMatch and USB keep them in)")
+    exclude_labeled: bool = arg(False, "keep labeled samples out of the unlabeled set (FixMatch and USB keep them in; --n1 always does)")
     n1: int = arg(0, "class-imbalanced split (Meta-T Sec. 5.3): labeled samples of class 0, N_c = N_1 * gamma_l^(-c/(C-1)); 0 = balanced")
-    m1: int = arg(0, "class-imbalanced split: unlabeled samples of class 0, M_c = M_1 * gamma_u^(-c/(C-1))")
+    m1: int = arg(0, "class-imbalanced split: unlabeled samples of class 0, M_c = M_1 * gamma_u^(-c/(C-1)), apart from the labeled ones")
     gamma_l: float = arg(100.0, "imbalance ratio of the labeled split (with --n1)")
     gamma_u: float = arg(100.0, "imbalance ratio of the unlabeled split (with --n1)")
     image_size: int = arg(32, "`folder` images are resized to this square size")
@@ -240,15 +240,20 @@ def split_labeled(y, classes, args, rng):
     if args.n1 > 0:
         if classes < 2:
             raise UserError("the imbalanced split (--n1) needs at least 2 classes")
+        if args.m1 <= 0 or args.gamma_l <= 0 or args.gamma_u <= 0:
+            raise UserError(f"the imbalanced split (--n1) needs --m1 > 0 (unlabeled samples of class 0) and positive "
+                            f"--gamma-l and --gamma-u, got --m1 {args.m1}, --gamma-l {args.gamma_l}, --gamma-u {args.gamma_u}")
         decay = lambda first, gamma, c: int(first * gamma ** (-c / (classes - 1)))
         n_lab = [decay(args.n1, args.gamma_l, c) for c in range(classes)]
         n_unl = [decay(args.m1, args.gamma_u, c) for c in range(classes)]
     else:
+        if args.n1 < 0 or args.m1 != 0:
+            raise UserError(f"--n1 {args.n1}, --m1 {args.m1}: the imbalanced split needs both --n1 > 0 and --m1 > 0")
         if args.labels <= 0 or args.labels % classes:
             raise UserError(f"--labels {args.labels} must be a positive multiple of the {classes} classes")
         n_lab, n_unl = [args.labels // classes] * classes, [None] * classes
-    if args.val_labels % classes:
-        raise UserError(f"--val-labels {args.val_labels} must be a multiple of the {classes} classes")
+    if args.val_labels < 0 or args.val_labels % classes:
+        raise UserError(f"--val-labels {args.val_labels} must be 0 or a positive multiple of the {classes} classes")
     n_val = args.val_labels // classes
     labeled, unlabeled, val = [], [], []
     for c, idx in enumerate(by_class):
@@ -259,7 +264,7 @@ def split_labeled(y, classes, args, rng):
         val.append(idx[n_lab[c]:n_lab[c] + n_val])
         rest = idx[n_lab[c] + n_val:]
         unlabeled.append(rest if n_unl[c] is None else rest[:n_unl[c]])
-        if not args.exclude_labeled:
+        if not args.exclude_labeled and args.n1 <= 0:  # Sec. 5.3 sizes two disjoint sets: N_c labeled, M_c unlabeled
             unlabeled.append(idx[:n_lab[c]])
     return np.concatenate(labeled), np.concatenate(unlabeled), np.concatenate(val)
 
@@ -675,7 +680,7 @@ def plot_diagnostics(metrics_path, out):
     fig.savefig(out / "thresholds_hist.png", dpi=120)
     fig, ax = plt.subplots(figsize=(6, 4))
     for c, taus in enumerate(zip(*(r["tau_class_mean"] for r in recs))):
-        ax.plot(steps, taus, label=f"class {c}")
+        ax.plot(steps, [math.nan if t is None else t for t in taus], label=f"class {c}")  # null: class not yet predicted
     ax.set(xlabel="step", ylabel="mean threshold", title="Mean threshold per pseudo-label class")
     ax.legend(fontsize="small", ncol=2)
     fig.tight_layout()
@@ -741,6 +746,15 @@ def evaluate(model, images, labels, classes, args, prepare, autocast):
     return {"top1": correct.mean().item(), "balanced_acc": float(np.nanmean(per_class)), "per_class_acc": per_class}
 
 
+def json_safe(x):
+    """NaN (e.g. a pseudo-label accuracy when nothing was selected) and infinities as null: JSON has neither."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    return [json_safe(v) for v in x] if isinstance(x, (list, tuple)) else x
+
+
 def save_checkpoint(path, state):
     """Write to a temporary file, then rename: an interruption never leaves a broken checkpoint."""
     tmp = path.with_name(path.name + ".tmp")
@@ -775,9 +789,10 @@ def set_rng_states(s):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-# The flags that define a run: resuming with different ones would silently train something else.
-RESUME_MUST_MATCH = ("dataset", "labels", "n1", "m1", "net", "seed", "batch_size", "uratio", "total_steps",
-                     "tgn_hidden", "meta_grad", "meta_interval", "fd_direction_at", "lr_schedule")
+# Flags that only say where and how fast a run goes. Every other flag defines what is trained: resuming with a
+# different value would silently train something else (or be silently overridden by the optimizer's saved state).
+RESUME_MAY_DIFFER = ("data_dir", "device", "workers", "threads", "eval_every", "log_every", "eval_batch_size", "output_dir",
+                     "resume", "stop_after", "channels_last", "bf16", "compile", "tensorboard", "plots")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -806,16 +821,28 @@ def train(args):
     if args.plots and importlib.util.find_spec("matplotlib") is None:
         raise UserError("--plots needs matplotlib: pip install matplotlib")
     device = torch.device(args.device)
-    if args.threads < 0:
-        raise UserError(f"--threads must be 0 (torch's default) or positive, got {args.threads}")
+    for name in ("threads", "workers"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name} must be 0 or positive, got {getattr(args, name)}")
+    if not 0 <= args.seed < 2**32:  # numpy's legacy seeding takes no more
+        raise UserError(f"--seed must be in [0, 2^32), got {args.seed}")
+    if not 0 <= args.ema <= 1:
+        raise UserError(f"--ema is a decay in [0, 1], got {args.ema}")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    if args.dataset not in DATASETS:
+        raise UserError(f"unknown --dataset {args.dataset!r}; choose one of {', '.join(DATASETS)}")
+    _, mean, std, default_net, default_wd, flip = DATASETS[args.dataset]
+    args.net = args.net or default_net
+    args.weight_decay = default_wd if args.weight_decay < 0 else args.weight_decay
+    if args.net not in NETS:
+        raise UserError(f"unknown --net {args.net!r}; choose one of {', '.join(NETS)}")
     ckpt = load_checkpoint(args.resume) if args.resume else None
     if ckpt is not None:
-        for k in RESUME_MUST_MATCH:
-            if ckpt["args"][k] != getattr(args, k) and not (k == "net" and args.net == ""):
-                raise UserError(f"--resume: the checkpoint was trained with --{k.replace('_', '-')} "
-                                f"{ckpt['args'][k]}, this run asks for {getattr(args, k)}")
+        differ = [f"--{k.replace('_', '-')} {v} (checkpoint: {ckpt['args'].get(k)})"
+                  for k, v in dataclasses.asdict(args).items() if k not in RESUME_MAY_DIFFER and ckpt["args"].get(k) != v]
+        if differ:
+            raise UserError(f"--resume: this run's flags differ from the checkpoint's: {', '.join(differ)}")
         if not args.output_dir:
             args.output_dir = ckpt["args"]["output_dir"]
     random.seed(args.seed)
@@ -824,11 +851,6 @@ def train(args):
 
     # --- data ---
     train_x, train_y, test_x, test_y, extra_x, classes = load_data(args)
-    _, mean, std, default_net, default_wd, flip = DATASETS[args.dataset]
-    args.net = args.net or default_net
-    args.weight_decay = default_wd if args.weight_decay < 0 else args.weight_decay
-    if args.net not in NETS:
-        raise UserError(f"unknown --net {args.net!r}; choose one of {', '.join(NETS)}")
     labeled_idx, unlabeled_idx, val_idx = split_labeled(train_y, classes, args, np.random.default_rng(args.seed))
     images, labels = train_x, train_y.astype(np.int64)
     if extra_x is not None:  # STL-10's unlabeled split: true labels unknown (-1)
@@ -857,6 +879,13 @@ def train(args):
 
     # --- model, optimiser, EMA ---
     model = NETS[args.net](train_x.shape[-1], classes).to(device, memory_format=memory_format)
+    try:  # a network too deep for the images fails here, in one line, not inside the first step
+        with torch.no_grad():
+            model.eval()(prepare(torch.from_numpy(train_x[:2])))  # eval mode: BatchNorm's statistics stay untouched
+    except RuntimeError as e:
+        raise UserError(f"--net {args.net} does not fit the {train_x.shape[1]}x{train_x.shape[2]} images of --dataset "
+                        f"{args.dataset}: {str(e).splitlines()[0]}") from None
+    model.train()
     ema_model = copy.deepcopy(model).requires_grad_(False)
     optimizer, scheduler = make_optimizer(model, args)
     if args.compile:
@@ -902,7 +931,7 @@ def train(args):
 
     def log(record):
         with metrics_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(json_safe(record)) + "\n")
         if writer:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "step":
@@ -971,6 +1000,7 @@ def train(args):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        lr = scheduler.get_last_lr()[0]  # this step's, logged below
         scheduler.step()
         ema_update(ema_model, model, args.ema)
 
@@ -984,7 +1014,7 @@ def train(args):
         step_seconds.append(now - step_start)
         if step % args.log_every == 0 or step == last_step:
             n, w = window_steps, dict(zip(keys, window.tolist()))
-            rec = {"step": step, "kind": "train", "lr": scheduler.get_last_lr()[0]}
+            rec = {"step": step, "kind": "train", "lr": lr}
             rec.update({k: w[k] / n for k in ("loss", "loss_s", "loss_u", "mask_rate", "tau_mean") if k in w})
             if "known" in w:  # accuracy of the selected pseudo-labels, and of all of them
                 rec["pseudo_label_acc"] = w["selected_correct"] / w["selected"] if w["selected"] else float("nan")
@@ -1030,7 +1060,7 @@ def train(args):
                "per_class_acc": eval_result["per_class_acc"] if eval_result else None,
                "seconds": seconds_before + time.perf_counter() - start_time,
                "seconds_per_step": float(np.median(warm)) if warm else None, "args": dataclasses.asdict(args)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "summary.json").write_text(json.dumps(json_safe(summary), indent=2))
     if args.plots:
         plot_diagnostics(metrics_path, out)
     if writer:

@@ -80,14 +80,16 @@ def test_balanced_split_counts(fixmatch):
 
 
 def test_imbalanced_split_follows_meta_t_formula(fixmatch):
-    """N_c = N_1 * gamma_l^(-(c-1)/(C-1)), M_c = M_1 * gamma_u^(-(c-1)/(C-1)) (Meta-T Sec. 5.3)."""
+    """N_c = N_1 * gamma_l^(-(c-1)/(C-1)), M_c = M_1 * gamma_u^(-(c-1)/(C-1)) (Meta-T Sec. 5.3): two disjoint
+    sets, so the unlabeled one holds exactly M_c samples of class c, without --exclude-labeled too."""
     y = np.repeat(np.arange(10), 500)
     labeled, unlabeled, _ = split(fixmatch, y, 10, "--n1", "150", "--m1", "300", "--gamma-l", "100",
-                                  "--gamma-u", "10", "--exclude-labeled")
+                                  "--gamma-u", "10")
     n = np.bincount(y[labeled], minlength=10)
     m = np.bincount(y[unlabeled], minlength=10)
     assert n.tolist() == [int(150 * 100 ** (-c / 9)) for c in range(10)] and n[0] == 150 and n[-1] == 1
     assert m.tolist() == [int(300 * 10 ** (-c / 9)) for c in range(10)] and m[-1] == 30
+    assert not set(labeled) & set(unlabeled)
 
 
 def test_batches_are_a_function_of_seed_and_step(fixmatch, tmp_path):
@@ -226,6 +228,15 @@ def test_bad_input_gets_one_clear_line(fixmatch, tmp_path):
     assert "fewer than the 100 labeled" in error_of(fixmatch, tiny(tmp_path, "--labels", "400"))
     assert "unknown --net" in error_of(fixmatch, tiny(tmp_path, "--net", "resnet"))
     assert "--batch-size must be positive" in error_of(fixmatch, tiny(tmp_path, "--batch-size", "0"))
+    assert "--workers must be 0 or positive" in error_of(fixmatch, tiny(tmp_path, "--workers", "-1"))
+    assert "--seed must be in [0, 2^32)" in error_of(fixmatch, tiny(tmp_path, "--seed", "-1"))
+    assert "--ema is a decay in [0, 1]" in error_of(fixmatch, tiny(tmp_path, "--ema", "1.5"))
+    assert "0 or a positive multiple" in error_of(fixmatch, tiny(tmp_path, "--val-labels", "-4"))
+    # the imbalanced split needs both sizes: --n1 alone used to leave no unlabeled data beyond the labeled
+    assert "needs --m1 > 0" in error_of(fixmatch, tiny(tmp_path, "--n1", "12"))
+    assert "needs both --n1 > 0 and --m1 > 0" in error_of(fixmatch, tiny(tmp_path, "--m1", "30"))
+    # ConvLarge's unpadded 3x3 convolution needs more than the 2x2 maps left of 8x8 images
+    assert "--net convlarge does not fit the 8x8 images" in error_of(fixmatch, tiny(tmp_path, "--net", "convlarge"))
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     assert "corrupt or not a checkpoint" in error_of(fixmatch, tiny(tmp_path, "--resume", str(bad)))
@@ -235,7 +246,33 @@ def test_bad_input_gets_one_clear_line(fixmatch, tmp_path):
     # resuming with flags that define another run is refused
     fixmatch.train(fixmatch.parse_args(tiny(tmp_path, "--total-steps", "2", name="r")))
     msg = error_of(fixmatch, tiny(tmp_path, "--seed", "3", "--resume", str(tmp_path / "r"), name="r"))
-    assert "trained with --seed 0" in msg
+    assert msg.endswith("differ from the checkpoint's: --total-steps 4 (checkpoint: 2), --seed 3 (checkpoint: 0)")
+    # including the ones the optimizer's saved state would silently override (lr) and the method's own (tau)
+    for flag, value, saved in (("--lr", "0.1", "0.03"), ("--tau", "0.5", "0.95"), ("--gamma-u", "3.0", "100.0")):
+        msg = error_of(fixmatch, tiny(tmp_path, flag, value, "--total-steps", "2", "--resume", str(tmp_path / "r"),
+                                      name="r"))
+        assert msg.endswith(f"differ from the checkpoint's: {flag} {value} (checkpoint: {saved})")
+
+
+def test_logged_lr_is_the_one_the_step_used(fixmatch, tmp_path):
+    """Cosine decay lr * cos(7 pi t / 16 T) with t = step - 1 counted from 0 (FixMatch, USB)."""
+    fixmatch.train(fixmatch.parse_args(tiny(tmp_path, "--total-steps", "6", "--log-every", "3")))
+    train = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(l)["kind"] == "train"]
+    assert [r["step"] for r in train] == [3, 6]
+    for r in train:
+        assert r["lr"] == pytest.approx(0.03 * math.cos(7 * math.pi * (r["step"] - 1) / (16 * 6)))
+
+
+def test_outputs_are_strict_json(fixmatch, tmp_path):
+    """No pseudo-label passes tau = 1.1, so their accuracy is undefined: written as null, not as NaN (not JSON)."""
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in JSON output"))
+
+    fixmatch.train(fixmatch.parse_args(tiny(tmp_path, "--tau", "1.1")))
+    train = [strict(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert train[0]["mask_rate"] == 0 and train[0]["pseudo_label_acc"] is None
+    strict((tmp_path / "run" / "summary.json").read_text())
 
 
 def test_command_line_error_has_no_traceback():

@@ -250,4 +250,6 @@ def test_bad_method_flags_get_one_clear_line(meta_t, tmp_path):
     assert "--lr-milestones '1/3,x'" in error_of(meta_t, tiny(tmp_path, "--lr-milestones", "1/3,x"))
     meta_t.train(meta_t.parse_args(tiny(tmp_path, "--stop-after", "1", name="r")))
     msg = error_of(meta_t, tiny(tmp_path, "--meta-grad", "fd", "--resume", str(tmp_path / "r"), name="r"))
-    assert "trained with --meta-grad exact" in msg
+    assert msg.endswith("differ from the checkpoint's: --meta-grad fd (checkpoint: exact)")
+    msg = error_of(meta_t, tiny(tmp_path, "--meta-lr", "0.01", "--resume", str(tmp_path / "r"), name="r"))
+    assert msg.endswith("differ from the checkpoint's: --meta-lr 0.01 (checkpoint: 0.001)")
