@@ -590,6 +590,26 @@ def meta_t_loss(logits, y_l, probs_w, tau, args):
     return loss_s + args.lambda_u * loss_u, {"loss_s": loss_s, "loss_u": loss_u}, mask, pseudo_label
 
 
+def rng_state(device):
+    """The state of the generator that dropout on `device` draws from, to replay the same masks later."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+@contextlib.contextmanager
+def replayed_rng(state, device):
+    """Runs the block from a saved generator state (the same dropout masks as when it was saved), then restores the
+    current one, so that the training's random stream is the same as without the block. None: a plain block."""
+    if state is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(state, device)
+        else:
+            torch.set_rng_state(state)
+        yield
+
+
 def strong_view_directional_derivative(model, params, buffers, v, inputs, pseudo_label):
     """v . grad_w CE_j(w) for every strong view j (the last rows of inputs), in forward mode through the step's whole
     concatenated forward, so that BatchNorm sees the same batch: exact, without a double backward. Dual numbers, not
@@ -603,12 +623,14 @@ def strong_view_directional_derivative(model, params, buffers, v, inputs, pseudo
 
 
 def meta_gradient(model, tgn, logits_us, probs_w, pbar, x_l, y_l, inputs, alpha, args, autocast=contextlib.nullcontext,
-                  directional_derivative=strong_view_directional_derivative):
+                  directional_derivative=strong_view_directional_derivative, forward_rng=None):
     """grad_Theta of the meta loss L_meta = CE(f(x_l; w_hat), y_l) (Eq. 12) after the virtual SGD step
     w_hat = w - alpha * grad_w L_u(w, Theta) (Eq. 8), for the TGN update (Eq. 9 / 16); also returns L_meta.
     inputs: the step's concatenated batch (labeled, weak, strong); logits_us: its strong-view logits, with their
     graph to w. The extra forwards run on cloned buffers, so the meta step never changes the BatchNorm running
-    statistics."""
+    statistics. forward_rng: the generator state (rng_state) from just before the step's forward; with it, the
+    forward-mode pass of jvp replays that forward's dropout masks and stays exact for a network with dropout (in eager
+    mode: torch.compile draws a compiled graph's masks its own way)."""
     params = dict(model.named_parameters())
     buffers = {k: b.clone() for k, b in model.named_buffers()}
     n_u = len(logits_us)
@@ -636,14 +658,19 @@ def meta_gradient(model, tgn, logits_us, probs_w, pbar, x_l, y_l, inputs, alpha,
     loss_meta = F.cross_entropy(f(at, x_l), y_l)
     v = torch.autograd.grad(loss_meta, list(at.values()))
     if args.meta_grad == "jvp":
-        with autocast():
+        with autocast(), replayed_rng(forward_rng, inputs.device):
             directional = directional_derivative(model, params, buffers, v, inputs, pseudo_label)
     else:
         eps = 0.01 / torch.nn.utils.get_total_norm(v).clamp_min(1e-12)
+        fd_rng = rng_state(inputs.device)  # both forwards draw the same dropout masks: only eps * v differs
+
+        def ce_at(sign):
+            with replayed_rng(fd_rng, inputs.device):
+                logits = f({k: p + sign * eps * vk for (k, p), vk in zip(params.items(), v)}, inputs[-n_u:])
+            return F.cross_entropy(logits, pseudo_label, reduction="none")
+
         with torch.no_grad():
-            ce_plus, ce_minus = (F.cross_entropy(f({k: p + sign * eps * vk for (k, p), vk in zip(params.items(), v)},
-                                                   inputs[-n_u:]), pseudo_label, reduction="none") for sign in (1, -1))
-            directional = (ce_plus - ce_minus) / (2 * eps)
+            directional = (ce_at(1) - ce_at(-1)) / (2 * eps)
     # backpropagate dL_meta/dS_j through S_j(tau_j(Theta)) into the TGN (Eq. 16)
     dmeta_dmask = -(alpha / n_u) * directional
     return torch.autograd.grad(mask, list(tgn.parameters()), grad_outputs=dmeta_dmask), loss_meta.detach()
@@ -900,7 +927,7 @@ def train(args):
     # created after the classifier, whose initialisation then equals FixMatch's
     tgn = make_tgn(classes, args.tgn_hidden).to(device)
     meta_optimizer = torch.optim.Adam(tgn.parameters(), lr=args.meta_lr)
-    # latest weak-view softmax of every unlabeled sample (uniform until seen), for pbar (Eq. 5), and its threshold
+    # latest weak-view softmax of every unlabeled sample, for pbar (Eq. 5), and its latest threshold (NaN until seen)
     prob_bank = torch.full((len(unlabeled_idx), classes), 1 / classes, device=device)
     tau_bank = torch.full((len(unlabeled_idx),), math.nan, device=device)
     best_top1, seconds_before = 0.0, 0.0
@@ -915,6 +942,8 @@ def train(args):
         tau_bank.copy_(ckpt["tau_bank"])
         set_rng_states(ckpt["rng"])
         best_top1, seconds_before = ckpt["best_top1"], ckpt["seconds"]
+    seen = ~tau_bank.isnan()  # the samples with a prediction in the bank (every step sets the threshold of its own)
+    bank_complete = bool(seen.all())
     metrics_path = out / "metrics.jsonl"
     if ckpt and metrics_path.exists():  # drop records written after the checkpoint by the interrupted run
         keep = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= first_step]
@@ -967,17 +996,22 @@ def train(args):
             # labeled, weak and strong views in ONE forward: BatchNorm sees them together
             x_us = prepare(batch["x_us"])
             inputs = torch.cat([x_l, prepare(batch["x_uw"]), x_us])
+            forward_rng = rng_state(device) if args.meta_grad == "jvp" else None  # dropout masks, for the jvp pass
             with autocast():
                 logits = forward(inputs).float()
             # ---- Meta-T (the part other methods change) ----
             n_u, idx_u = len(x_us), batch["idx_u"].to(device, non_blocking=True)
             probs_w = torch.softmax(logits[args.batch_size:-n_u].detach(), dim=1)
             prob_bank[idx_u] = probs_w  # before Eq. 5: pbar then holds this batch's current predictions
-            pbar = class_confidence(prob_bank)[0]
+            if not bank_complete:  # Eq. 5 averages the samples that have a prediction: leave out the unseen rows
+                seen[idx_u] = True
+                bank_complete = bool(seen.all())  # a host sync, only until every sample has been seen once
+            pbar = class_confidence(prob_bank if bank_complete else prob_bank[seen])[0]
             meta = (step - 1) % args.meta_interval == 0  # Algorithm 2 counts iterations t = step - 1 from 0
             if meta:  # bi-level step: Eqs. 8, 9 / 16; Green Meta-T skips it on the other steps
                 theta_grads, loss_meta = meta_gradient(model, tgn, logits[-n_u:], probs_w, pbar, x_l, y_l, inputs,
-                                                       scheduler.get_last_lr()[0], args, autocast, directional_derivative)
+                                                       scheduler.get_last_lr()[0], args, autocast, directional_derivative,
+                                                       forward_rng)
                 for theta, g in zip(tgn.parameters(), theta_grads):
                     theta.grad = g
                 meta_optimizer.step()

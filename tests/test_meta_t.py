@@ -57,6 +57,23 @@ def test_modes_run_and_log_the_diagnostics(meta_t, tmp_path, extra):
             assert (out / png).stat().st_size > 1000
 
 
+def test_pbar_averages_only_the_samples_seen_so_far(meta_t, tmp_path, monkeypatch):
+    """Eq. 5 averages the predictions of the unlabeled samples. The bank's uniform rows of samples not seen yet would
+    all count as class 0 (argmax of a uniform row), so they are left out until every sample has been seen."""
+    rows, real = [], meta_t.class_confidence
+
+    def recording(probs):
+        uniform = (probs == 1 / probs.shape[1]).all(dim=1)
+        rows.append((len(probs), bool(uniform.any())))
+        return real(probs)
+
+    monkeypatch.setattr(meta_t, "class_confidence", recording)
+    meta_t.train(meta_t.parse_args(tiny(tmp_path, "--total-steps", "14", "--meta-grad", "fd")))
+    counts = [n for n, _ in rows]
+    assert len(rows) == 14 and not any(uniform for _, uniform in rows)
+    assert 0 < counts[0] <= 16 and counts == sorted(counts) and counts[-1] == 192  # 16 unlabeled per step, 192 in all
+
+
 def test_steps_with_frozen_tgn_and_hard_mask_equal_fixmatch_steps(meta_t, tmp_path, monkeypatch):
     """TGN frozen to 0.95, indicator mask, no meta update: Meta-T steps are FixMatch steps (same lr for both)."""
     fixmatch = load_algorithm("fixmatch")
@@ -84,11 +101,15 @@ def test_steps_with_frozen_tgn_and_hard_mask_equal_fixmatch_steps(meta_t, tmp_pa
             assert x.get(k) == y.get(k), (x["step"], k)
 
 
-def bilevel_problem(meta_t, batchnorm, dtype=torch.float32):
+def bilevel_problem(meta_t, batchnorm, dtype=torch.float32, dropout=False):
     """A tiny classifier, a TGN, and one step's batch: labeled, weak and strong views, mu = 3."""
     torch.manual_seed(0)
     classes, b, mu = 3, 4, 3
-    if batchnorm:
+    if dropout:
+        model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.LeakyReLU(0.1),
+                                    torch.nn.Dropout2d(0.3), torch.nn.Flatten(), torch.nn.Linear(4 * 64, classes)).to(dtype)
+        x = torch.randn(b * (1 + 2 * mu), 1, 8, 8, dtype=dtype)
+    elif batchnorm:
         model = meta_t.SmallCNN(1, classes).to(dtype)
         x = torch.randn(b * (1 + 2 * mu), 1, 8, 8, dtype=dtype)
     else:
@@ -97,13 +118,14 @@ def bilevel_problem(meta_t, batchnorm, dtype=torch.float32):
         x = torch.randn(b * (1 + 2 * mu), 3, 2, 2, dtype=torch.float64)
     tgn = meta_t.make_tgn(classes, 16).to(x.dtype)
     args = meta_t.parse_args(["--batch-size", str(b), "--uratio", str(mu)])
+    forward_rng = meta_t.rng_state(x.device)  # as train() saves it before the step's forward
     logits = model(x)
     probs_w = logits[b:-b * mu].detach().softmax(1)
     bank = torch.softmax(3 * torch.randn(20, classes, dtype=x.dtype), 1)
     pbar = meta_t.class_confidence(bank)[0]
     y_l = torch.randint(0, classes, (b,))
     return model, tgn, args, dict(logits_us=logits[-b * mu:], probs_w=probs_w, pbar=pbar, x_l=x[:b], y_l=y_l,
-                                  inputs=x, alpha=0.3)
+                                  inputs=x, alpha=0.3, forward_rng=forward_rng)
 
 
 def test_exact_tgn_gradient_matches_direct_autograd_and_first_order_agrees(meta_t):
@@ -144,6 +166,38 @@ def test_forward_mode_gradient_equals_the_double_backward_through_batchnorm(meta
     exact, forward_mode = (torch.cat([g.flatten() for g in grads]) for grads in (exact, forward_mode))
     assert exact.abs().max() > 1e-6 and torch.allclose(forward_mode, exact, rtol=1e-7, atol=1e-12)
     assert torch.allclose(loss_forward_mode, loss_exact, rtol=1e-12, atol=0)
+
+
+def test_meta_gradients_with_dropout(meta_t):
+    """The forward-mode pass replays the dropout masks of the step's forward, so jvp stays equal to the double
+    backward (which differentiates the recorded forward, masks included); fd's two forwards share their masks."""
+    model, tgn, args, step = bilevel_problem(meta_t, batchnorm=True, dtype=torch.float64, dropout=True)
+    after_forward = torch.get_rng_state()
+
+    def tgn_gradient(mode, **kw):
+        args.meta_grad = mode
+        torch.set_rng_state(after_forward)  # the meta loss's own forward then draws the same masks in every mode
+        return torch.cat([g.flatten() for g in meta_t.meta_gradient(model, tgn, **{**step, **kw}, args=args)[0]])
+
+    exact = tgn_gradient("exact")
+    assert exact.abs().max() > 1e-6 and torch.allclose(tgn_gradient("jvp"), exact, rtol=1e-7, atol=1e-12)
+    assert not torch.allclose(tgn_gradient("jvp", forward_rng=None), exact, rtol=1e-3, atol=0)  # fresh masks
+    # fd sees the strong batch alone, with masks of its own: an approximation, but one of the right size and sign.
+    # With different masks in its two forwards (as before), their difference / (2 eps) was mostly the masks':
+    # 25x the exact gradient's norm here, cosine -0.26.
+    first_order = tgn_gradient("fd")
+    assert first_order.norm() < 3 * exact.norm() and F.cosine_similarity(first_order, exact, dim=0) > 0.5
+
+
+def test_replayed_rng_repeats_the_dropout_masks_and_leaves_the_stream_alone(meta_t):
+    cpu, ones = torch.device("cpu"), torch.ones(1000)
+    state = meta_t.rng_state(cpu)
+    with meta_t.replayed_rng(state, cpu):
+        a = F.dropout(ones, 0.5)
+    with meta_t.replayed_rng(state, cpu):
+        b = F.dropout(ones, 0.5)
+    assert torch.equal(a, b) and torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(F.dropout(ones, 0.5), a)  # the stream continues as if the blocks had not run
 
 
 def test_compile_compiles_the_forward_mode_pass_and_keeps_the_gradient(meta_t, tmp_path, monkeypatch):
