@@ -381,7 +381,8 @@ RANDAUGMENT_OPS = [
 
 
 def strong_augment(x, rng, flip):
-    """The weak view, then RandAugment (2 random ops at random magnitudes), then Cutout (FixMatch)."""
+    """The weak view, then RandAugment (2 random ops at random magnitudes, as the common FixMatch reproduction
+    RandAugmentMC(n=2); USB draws 3), then Cutout (FixMatch)."""
     h, w = x.shape[:2]
     x = weak_augment(x, rng, flip)
     for op, low, high in rng.choices(RANDAUGMENT_OPS, k=2):
