@@ -906,14 +906,14 @@ def train(args):
     test_images, test_labels = torch.from_numpy(test_x), torch.from_numpy(test_y.astype(np.int64))
 
     # --- model, optimiser, EMA ---
-    model = NETS[args.net](train_x.shape[-1], classes).to(device, memory_format=memory_format)
-    try:  # a network too deep for the images fails here, in one line, not inside the first step
-        with torch.no_grad():
-            model.eval()(prepare(torch.from_numpy(train_x[:2])))  # eval mode: BatchNorm's statistics stay untouched
+    model = NETS[args.net](train_x.shape[-1], classes)
+    try:  # a network too deep for the images fails here, in one line, not inside the first step (on the CPU: only
+        with torch.no_grad():  # shapes can fail; eval mode: BatchNorm's statistics stay untouched)
+            model.eval()(torch.zeros(2, train_x.shape[3], train_x.shape[1], train_x.shape[2]))
     except RuntimeError as e:
         raise UserError(f"--net {args.net} does not fit the {train_x.shape[1]}x{train_x.shape[2]} images of --dataset "
                         f"{args.dataset}: {str(e).splitlines()[0]}") from None
-    model.train()
+    model = model.train().to(device, memory_format=memory_format)
     ema_model = copy.deepcopy(model).requires_grad_(False)
     optimizer, scheduler = make_optimizer(model, args)
     if args.compile:
