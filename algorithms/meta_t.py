@@ -1089,7 +1089,8 @@ def train(args):
     del batches
 
     warm = step_seconds[max(10, len(step_seconds) // 10):] or step_seconds
-    summary = {"algorithm": ALGORITHM, "steps": last_step, "finished": last_step == args.total_steps,
+    summary = {"algorithm": ALGORITHM, "fused_kernels": sslkernels is not None,  # else the pure-PyTorch fallback
+               "steps": last_step, "finished": last_step == args.total_steps,
                "top1": eval_result["top1"] if eval_result else None, "best_top1": best_top1,
                "balanced_acc": eval_result["balanced_acc"] if eval_result else None,
                "per_class_acc": eval_result["per_class_acc"] if eval_result else None,

@@ -39,6 +39,7 @@ def test_code_paths_run_and_write_outputs(fixmatch, tmp_path, extra):
     out = tmp_path / "run"
     assert summary["finished"] and summary["steps"] == summary["args"]["total_steps"]
     assert 0.0 <= summary["top1"] <= 1.0 and summary["seconds_per_step"] > 0
+    assert summary["fused_kernels"] == (sslkernels is not None)
     assert json.loads((out / "summary.json").read_text())["best_top1"] == summary["best_top1"]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {r["kind"] for r in records} == {"train", "eval"}
