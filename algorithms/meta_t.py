@@ -220,8 +220,6 @@ def make_synthetic(classes=4, per_class=64, size=8, seed=0):
 
 
 def load_data(args):
-    if args.dataset not in DATASETS:
-        raise UserError(f"unknown --dataset {args.dataset!r}; choose one of {', '.join(DATASETS)}")
     classes = DATASETS[args.dataset][0]
     if args.dataset == "digits":
         data = load_digits()
