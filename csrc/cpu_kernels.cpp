@@ -113,10 +113,11 @@ SSL_INLINE int64_t row_argmax(const scalar_t* x, int64_t C, at::opmath_type<scal
   return j;
 }
 
-// Maximum of a row and sum of exp(x - max); NaN propagates through the sum.
+// Maximum of a row and sum of exp(x - max), also written to e_out unless it is null; NaN
+// propagates through the sum.
 template <typename scalar_t>
 SSL_INLINE void row_softmax_stats(const scalar_t* x, int64_t C, at::opmath_type<scalar_t>& max_out,
-                                  at::opmath_type<scalar_t>& sum_out) {
+                                  at::opmath_type<scalar_t>& sum_out, at::opmath_type<scalar_t>* e_out) {
   using acc_t = at::opmath_type<scalar_t>;
   // The lowest finite value rather than -inf keeps x - m finite for -inf entries.
   acc_t m = std::numeric_limits<acc_t>::lowest();
@@ -126,8 +127,17 @@ SSL_INLINE void row_softmax_stats(const scalar_t* x, int64_t C, at::opmath_type<
     m = v > m ? v : m;
   }
   acc_t s = 0;
-  SSL_SIMD_SUM(s)
-  for (int64_t j = 0; j < C; ++j) s += exp_approx(load(x, j) - m);
+  if (e_out) {
+    SSL_SIMD_SUM(s)
+    for (int64_t j = 0; j < C; ++j) {
+      const acc_t e = exp_approx(load(x, j) - m);
+      e_out[j] = e;
+      s += e;
+    }
+  } else {
+    SSL_SIMD_SUM(s)
+    for (int64_t j = 0; j < C; ++j) s += exp_approx(load(x, j) - m);
+  }
   max_out = m;
   sum_out = s;
 }
@@ -156,6 +166,7 @@ struct MaskedCEFwd {
   scalar_t* mask;
   int64_t* pseudo;
   acc_t* aux;  // (N, 3): max of the logits row, log of its sum of exp(z - max), conf
+  acc_t* exps;  // null, or (N, C): exp(z - max), for the backward
 
   SSL_INLINE void rows(int64_t begin, int64_t end) const {
     if (C <= kSmallClasses) {
@@ -166,7 +177,7 @@ struct MaskedCEFwd {
       acc_t conf, mx, sum;
       const int64_t y = row_argmax(p + i * ps, C, conf);
       const scalar_t* zi = z + i * zs;
-      row_softmax_stats(zi, C, mx, sum);
+      row_softmax_stats(zi, C, mx, sum, exps ? exps + i * C : nullptr);
       finish_row(i, y, conf, mx, sum, load(zi, y));
     }
   }
@@ -221,9 +232,17 @@ struct MaskedCEFwd {
     }
     for (int64_t j = 0; j < C; ++j)
       for (int u = 0; u < kBlockRows; ++u) mx[u] = bz[j][u] > mx[u] ? bz[j][u] : mx[u];
+    acc_t zy[kBlockRows];
+    for (int u = 0; u < kBlockRows; ++u) zy[u] = bz[arg[u]][u];
     for (int64_t j = 0; j < C; ++j)
-      for (int u = 0; u < kBlockRows; ++u) sum[u] += exp_approx(bz[j][u] - mx[u]);
-    for (int u = 0; u < n; ++u) finish_row(i0 + u, arg[u], best[u], mx[u], sum[u], bz[arg[u]][u]);
+      for (int u = 0; u < kBlockRows; ++u) {
+        bz[j][u] = exp_approx(bz[j][u] - mx[u]);  // bz becomes exp(z - max)
+        sum[u] += bz[j][u];
+      }
+    if (exps)
+      for (int u = 0; u < n; ++u)
+        for (int64_t j = 0; j < C; ++j) exps[(i0 + u) * C + j] = bz[j][u];
+    for (int u = 0; u < n; ++u) finish_row(i0 + u, arg[u], best[u], mx[u], sum[u], zy[u]);
   }
 };
 
@@ -243,6 +262,7 @@ struct MaskedCEBwd {
   acc_t tau_value, beta;
   bool hard;
   int64_t C;
+  const acc_t* exps;  // null (recompute), or the forward's (N, C) exp(z - max)
   scalar_t* grad_z;  // contiguous (N, C)
   acc_t* grad_tau;   // (N)
 
@@ -260,6 +280,13 @@ struct MaskedCEBwd {
       if (scale == acc_t(0)) {
         SSL_SIMD
         for (int64_t j = 0; j < C; ++j) out[j] = scalar_t(0);
+      } else if (exps) {
+        const acc_t* ei = exps + i * C;
+        const acc_t inv_sum = std::exp(-log_sum);
+        const acc_t scaled = scale * inv_sum;
+        SSL_SIMD
+        for (int64_t j = 0; j < C; ++j) out[j] = static_cast<scalar_t>(scaled * ei[j]);
+        out[y] = static_cast<scalar_t>(scale * (ei[y] * inv_sum - acc_t(1)));
       } else {
         SSL_SIMD
         for (int64_t j = 0; j < C; ++j)
@@ -294,10 +321,10 @@ bool cpu_has_avx2_fma() {
   return ok;
 }
 
-// exp_approx on 8 lanes: clamp to [-87, 88] (NaN kept), round(x / ln2), Cody-Waite, Cephes.
+// exp_approx on 8 lanes for x <= 88 or NaN (the callers' arguments are z - max z <= 0, or
+// clamped): clamp below at -87 (NaN kept), round(x / ln2), Cody-Waite, Cephes.
 SSL_AVX2_INLINE __m256 exp8(__m256 x) {
   x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x);  // max_ps returns the second operand on NaN
-  x = _mm256_min_ps(_mm256_set1_ps(88.0f), x);
   const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x);
@@ -346,8 +373,11 @@ SSL_AVX2_INLINE __m256 log8(__m256 x) {
 SSL_AVX2_INLINE __m256 mask8(__m256 conf, __m256 t, __m256 beta, bool hard) {
   const __m256 one = _mm256_set1_ps(1.0f);
   if (hard) return _mm256_and_ps(_mm256_cmp_ps(conf, t, _CMP_GE_OQ), one);
-  const __m256 a = _mm256_mul_ps(beta, _mm256_sub_ps(conf, t));
-  const __m256 ex = exp8(_mm256_xor_ps(a, _mm256_set1_ps(-0.0f)));
+  const __m256 na = _mm256_mul_ps(beta, _mm256_sub_ps(t, conf));
+  // exp(na) overflows to inf past ln(FLT_MAX), and the mask is then 0, as in the generic code.
+  const __m256 ex = _mm256_blendv_ps(exp8(_mm256_min_ps(_mm256_set1_ps(88.0f), na)),  // NaN kept
+                                     _mm256_set1_ps(std::numeric_limits<float>::infinity()),
+                                     _mm256_cmp_ps(na, _mm256_set1_ps(88.72284f), _CMP_GT_OQ));
   return _mm256_div_ps(one, _mm256_add_ps(one, ex));
 }
 
@@ -364,20 +394,20 @@ SSL_AVX2_INLINE float hsum8(__m256 v) {
   return _mm_cvtss_f32(a);
 }
 
+SSL_AVX2_INLINE int32_t hmin8_epi32(__m256i v) {
+  __m128i a = _mm_min_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  a = _mm_min_epi32(a, _mm_shuffle_epi32(a, 0x4E));
+  a = _mm_min_epi32(a, _mm_shuffle_epi32(a, 0xB1));
+  return _mm_cvtsi128_si32(a);
+}
+
 // Lanes [0, rem) set.
 SSL_AVX2_INLINE __m256i tail_mask(int64_t rem) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(rem)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
-// 8 rows x 8 columns (starting at column c0, rem <= 8 of them valid) -> 8 column vectors.
-SSL_AVX2_INLINE void load_transposed(const float* const* rows, int64_t c0, int64_t rem, __m256* out) {
-  __m256 r[8];
-  if (rem == 8) {
-    for (int u = 0; u < 8; ++u) r[u] = _mm256_loadu_ps(rows[u] + c0);
-  } else {
-    const __m256i mk = tail_mask(rem);
-    for (int u = 0; u < 8; ++u) r[u] = _mm256_maskload_ps(rows[u] + c0, mk);
-  }
+// 8 x 8 transpose in registers: out[j] lane u = r[u] lane j.
+SSL_AVX2_INLINE void transpose8(const __m256* r, __m256* out) {
   const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
   const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
   const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
@@ -396,12 +426,74 @@ SSL_AVX2_INLINE void load_transposed(const float* const* rows, int64_t c0, int64
   out[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
 }
 
+// 8 rows x 8 columns (starting at column c0, rem <= 8 of them valid) -> 8 column vectors.
+SSL_AVX2_INLINE void load_transposed(const float* const* rows, int64_t c0, int64_t rem, __m256* out) {
+  __m256 r[8];
+  if (rem == 8) {
+    for (int u = 0; u < 8; ++u) r[u] = _mm256_loadu_ps(rows[u] + c0);
+  } else {
+    const __m256i mk = tail_mask(rem);
+    for (int u = 0; u < 8; ++u) r[u] = _mm256_maskload_ps(rows[u] + c0, mk);
+  }
+  transpose8(r, out);
+}
+
+// The inverse: 8 column vectors (columns c0 .. c0 + rem - 1) -> columns of rows[0 .. n - 1].
+SSL_AVX2_INLINE void store_transposed(const __m256* cols, float* const* rows, int n, int64_t c0, int64_t rem) {
+  __m256 r[8];
+  transpose8(cols, r);
+  const __m256i mk = tail_mask(rem);
+  for (int u = 0; u < n; ++u) {
+    if (rem == 8)
+      _mm256_storeu_ps(rows[u] + c0, r[u]);
+    else
+      _mm256_maskstore_ps(rows[u] + c0, mk, r[u]);
+  }
+}
+
 constexpr int64_t kAvx2BlockClasses = 16;
+
+// The outputs of rows i0 .. i0 + n - 1 from their statistics, one row per lane (lanes past n
+// hold copies of real rows and are not stored): conf = probs_w[y], arg = y, the maximum mx of
+// the logits row, its sum of exp(z - mx), z_y and tau.
+SSL_AVX2_INLINE void finish8(const MaskedCEFwd<float>& k, int64_t i0, int n, __m256 conf, __m256i arg,
+                             __m256 mx, __m256 sum, __m256 zy, __m256 tau) {
+  const __m256 log_sum = log8(sum);
+  const __m256 ce = _mm256_add_ps(_mm256_sub_ps(mx, zy), log_sum);
+  const __m256 m = mask8(conf, tau, _mm256_set1_ps(k.beta), k.hard);
+  const __m256 loss = _mm256_mul_ps(m, ce);
+  alignas(32) float mxa[8], lsa[8], cfa[8];
+  _mm256_store_ps(mxa, mx);
+  _mm256_store_ps(lsa, log_sum);
+  _mm256_store_ps(cfa, conf);
+  float* aux = k.aux + 3 * i0;
+  if (n == 8) {
+    _mm256_storeu_ps(k.loss + i0, loss);
+    _mm256_storeu_ps(k.mask + i0, m);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(k.pseudo + i0), _mm256_cvtepi32_epi64(_mm256_castsi256_si128(arg)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(k.pseudo + i0 + 4), _mm256_cvtepi32_epi64(_mm256_extracti128_si256(arg, 1)));
+  } else {
+    alignas(32) float la[8], ma[8];
+    alignas(32) int32_t ya[8];
+    _mm256_store_ps(la, loss);
+    _mm256_store_ps(ma, m);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(ya), arg);
+    for (int u = 0; u < n; ++u) {
+      k.loss[i0 + u] = la[u];
+      k.mask[i0 + u] = ma[u];
+      k.pseudo[i0 + u] = ya[u];
+    }
+  }
+  for (int u = 0; u < n; ++u) {
+    aux[3 * u] = mxa[u];
+    aux[3 * u + 1] = lsa[u];
+    aux[3 * u + 2] = cfa[u];
+  }
+}
 
 // Few classes: 8 rows per step, one per lane.
 SSL_AVX2_FN void fwd_f32_avx2_block(const MaskedCEFwd<float>& k, int64_t b, int64_t e) {
   const int64_t C = k.C;
-  const __m256 beta = _mm256_set1_ps(k.beta);
   const __m256 lowest = _mm256_set1_ps(std::numeric_limits<float>::lowest());
   for (int64_t i0 = b; i0 < e; i0 += 8) {
     const int n = static_cast<int>(std::min<int64_t>(8, e - i0));
@@ -436,113 +528,158 @@ SSL_AVX2_FN void fwd_f32_avx2_block(const MaskedCEFwd<float>& k, int64_t b, int6
       mx = _mm256_max_ps(Z[j], mx);
     }
     __m256 sum = _mm256_setzero_ps(), zy = Z[0];
+    __m256 E[kAvx2BlockClasses];
     for (int64_t j = 0; j < C; ++j) {
-      sum = _mm256_add_ps(sum, exp8(_mm256_sub_ps(Z[j], mx)));
+      E[j] = exp8(_mm256_sub_ps(Z[j], mx));
+      sum = _mm256_add_ps(sum, E[j]);
       zy = _mm256_blendv_ps(zy, Z[j], _mm256_castsi256_ps(_mm256_cmpeq_epi32(arg, _mm256_set1_epi32(static_cast<int>(j)))));
     }
-    const __m256 log_sum = log8(sum);
-    const __m256 ce = _mm256_add_ps(_mm256_sub_ps(mx, zy), log_sum);
-    const __m256 m = mask8(best, _mm256_load_ps(ta), beta, k.hard);
-    const __m256 loss = _mm256_mul_ps(m, ce);
-    alignas(32) float mxa[8], lsa[8], cfa[8];
-    _mm256_store_ps(mxa, mx);
-    _mm256_store_ps(lsa, log_sum);
-    _mm256_store_ps(cfa, best);
-    float* aux = k.aux + 3 * i0;
-    if (n == 8) {
-      _mm256_storeu_ps(k.loss + i0, loss);
-      _mm256_storeu_ps(k.mask + i0, m);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(k.pseudo + i0), _mm256_cvtepi32_epi64(_mm256_castsi256_si128(arg)));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(k.pseudo + i0 + 4), _mm256_cvtepi32_epi64(_mm256_extracti128_si256(arg, 1)));
-    } else {
-      alignas(32) float la[8], ma[8];
-      alignas(32) int32_t ya[8];
-      _mm256_store_ps(la, loss);
-      _mm256_store_ps(ma, m);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(ya), arg);
-      for (int u = 0; u < n; ++u) {
-        k.loss[i0 + u] = la[u];
-        k.mask[i0 + u] = ma[u];
-        k.pseudo[i0 + u] = ya[u];
-      }
+    if (k.exps) {
+      for (int64_t j = C; j < kAvx2BlockClasses; ++j) E[j] = _mm256_setzero_ps();
+      float* er[8];
+      for (int u = 0; u < n; ++u) er[u] = k.exps + (i0 + u) * C;
+      for (int64_t c0 = 0; c0 < C; c0 += 8) store_transposed(E + c0, er, n, c0, std::min<int64_t>(8, C - c0));
     }
-    for (int u = 0; u < n; ++u) {
-      aux[3 * u] = mxa[u];
-      aux[3 * u + 1] = lsa[u];
-      aux[3 * u + 2] = cfa[u];
-    }
+    finish8(k, i0, n, best, arg, mx, sum, zy, _mm256_load_ps(ta));
   }
 }
 
-// Many classes: vectorised along each row.
+// Many classes: vectorised along each row, 8 rows at a time so that the per-row tail (log,
+// mask, loss) runs once per 8 rows on vectors. For the hard mask, a row whose mask is 0 and
+// whose logits hold no NaN skips the sum of exp: its loss is 0 * CE = 0 whatever the sum, and
+// its gradient is 0 (the backward skips rows with a zero scale). Its sum is set to 1, so that
+// the loss is computed as 0 * (max - z_y), which keeps the reference's NaN for infinite logits;
+// aux then holds log 1 = 0 for it, which nothing reads.
 SSL_AVX2_FN void fwd_f32_avx2_rows(const MaskedCEFwd<float>& k, int64_t b, int64_t e) {
-  const int64_t C = k.C;
+  const int64_t C = k.C;  // > kAvx2BlockClasses, so a row holds at least two full vectors
   const int64_t Cv = C & ~int64_t(7);
   const int64_t rem = C - Cv;
   const __m256i tm = tail_mask(rem);
   const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   const __m256 lowest = _mm256_set1_ps(std::numeric_limits<float>::lowest());
-  for (int64_t i = b; i < e; ++i) {
-    const float* pr = k.p + i * k.ps;
-    const float* zr = k.z + i * k.zs;
-    // argmax of the probabilities: NaN-ignoring maximum, then the first index that holds it
-    // (or the first NaN).
-    __m256 pm0 = ninf, pm1 = ninf, nan = _mm256_setzero_ps();
-    int64_t j = 0;
-    for (; j + 16 <= Cv; j += 16) {
-      const __m256 v0 = _mm256_loadu_ps(pr + j), v1 = _mm256_loadu_ps(pr + j + 8);
-      pm0 = _mm256_max_ps(v0, pm0);
-      pm1 = _mm256_max_ps(v1, pm1);
-      nan = _mm256_or_ps(nan, _mm256_cmp_ps(v0, v1, _CMP_UNORD_Q));
-    }
-    for (; j < Cv; j += 8) {
-      const __m256 v = _mm256_loadu_ps(pr + j);
-      pm0 = _mm256_max_ps(v, pm0);
-      nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-    }
-    if (rem) {
-      const __m256 v = _mm256_blendv_ps(ninf, _mm256_maskload_ps(pr + Cv, tm), _mm256_castsi256_ps(tm));
-      pm0 = _mm256_max_ps(v, pm0);
-      nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-    }
-    int64_t y = 0;
-    if (_mm256_movemask_ps(nan)) {
-      while (!std::isnan(pr[y])) ++y;
-    } else {
-      const float pmax = hmax8(_mm256_max_ps(pm0, pm1));
-      const __m256 vm = _mm256_set1_ps(pmax);
-      y = C - 1;
-      for (j = 0; j < C; j += 8) {
-        const __m256 v = j < Cv ? _mm256_loadu_ps(pr + j) : _mm256_blendv_ps(ninf, _mm256_maskload_ps(pr + j, tm), _mm256_castsi256_ps(tm));
-        const int bits = _mm256_movemask_ps(_mm256_cmp_ps(v, vm, _CMP_EQ_OQ));
-        if (bits) {
-          y = j + __builtin_ctz(static_cast<unsigned>(bits));
-          break;
+  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i eight = _mm256_set1_epi32(8);
+  for (int64_t i0 = b; i0 < e; i0 += 8) {
+    const int n = static_cast<int>(std::min<int64_t>(8, e - i0));
+    alignas(32) float cfa[8], mxa[8], sma[8], zya[8], ta[8];
+    alignas(32) int32_t ya[8];
+    for (int u = 0; u < n; ++u) {
+      const int64_t i = i0 + u;
+      const float* pr = k.p + i * k.ps;
+      const float* zr = k.z + i * k.zs;
+      ta[u] = k.tau ? k.tau[i * k.taus] : k.tau_value;
+      // One pass over both rows. The argmax of the probabilities: per lane the largest value
+      // and the first column holding it, two accumulators (even and odd vectors); then the first
+      // column among the lanes that hold the row maximum. A NaN anywhere: the first NaN's column.
+      // The maximum of the logits (NaN ignored, as the generic code).
+      __m256 b0 = _mm256_loadu_ps(pr), b1 = _mm256_loadu_ps(pr + 8);
+      __m256i a0 = iota, a1 = _mm256_add_epi32(iota, eight);
+      __m256 nan = _mm256_or_ps(_mm256_cmp_ps(b0, b0, _CMP_UNORD_Q), _mm256_cmp_ps(b1, b1, _CMP_UNORD_Q));
+      __m256i col = _mm256_add_epi32(a1, eight);
+      __m256 zm0 = _mm256_max_ps(_mm256_loadu_ps(zr), lowest), zm1 = _mm256_max_ps(_mm256_loadu_ps(zr + 8), lowest);
+      int64_t j = 16;
+      for (; j + 16 <= Cv; j += 16) {
+        zm0 = _mm256_max_ps(_mm256_loadu_ps(zr + j), zm0);
+        zm1 = _mm256_max_ps(_mm256_loadu_ps(zr + j + 8), zm1);
+        const __m256 v0 = _mm256_loadu_ps(pr + j), v1 = _mm256_loadu_ps(pr + j + 8);
+        const __m256 t0 = _mm256_cmp_ps(v0, b0, _CMP_GT_OQ), t1 = _mm256_cmp_ps(v1, b1, _CMP_GT_OQ);
+        b0 = _mm256_blendv_ps(b0, v0, t0);
+        b1 = _mm256_blendv_ps(b1, v1, t1);
+        a0 = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(a0), _mm256_castsi256_ps(col), t0));
+        col = _mm256_add_epi32(col, eight);
+        a1 = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(a1), _mm256_castsi256_ps(col), t1));
+        col = _mm256_add_epi32(col, eight);
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps(v0, v1, _CMP_UNORD_Q));
+      }
+      for (; j < C; j += 8) {  // one more full vector and / or the tail, which reads -inf past C
+        const bool full = j < Cv;
+        zm0 = _mm256_max_ps(full ? _mm256_loadu_ps(zr + j)
+                                 : _mm256_blendv_ps(lowest, _mm256_maskload_ps(zr + j, tm), _mm256_castsi256_ps(tm)),
+                            zm0);
+        const __m256 v = full ? _mm256_loadu_ps(pr + j)
+                              : _mm256_blendv_ps(ninf, _mm256_maskload_ps(pr + j, tm), _mm256_castsi256_ps(tm));
+        const __m256 t = _mm256_cmp_ps(v, b0, _CMP_GT_OQ);
+        b0 = _mm256_blendv_ps(b0, v, t);
+        a0 = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(a0), _mm256_castsi256_ps(col), t));
+        col = _mm256_add_epi32(col, eight);
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+      }
+      int64_t y = 0;
+      if (_mm256_movemask_ps(nan)) {
+        while (!std::isnan(pr[y])) ++y;
+      } else {
+        // Merge the accumulators (a larger value wins, then the smaller column), then the
+        // smallest column among the lanes equal to the maximum.
+        const __m256 eq = _mm256_cmp_ps(b1, b0, _CMP_EQ_OQ);
+        const __m256 t = _mm256_or_ps(_mm256_cmp_ps(b1, b0, _CMP_GT_OQ),
+                                      _mm256_and_ps(eq, _mm256_castsi256_ps(_mm256_cmpgt_epi32(a0, a1))));
+        const __m256 best = _mm256_blendv_ps(b0, b1, t);
+        const __m256i arg = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(a0), _mm256_castsi256_ps(a1), t));
+        const __m256 at_max = _mm256_cmp_ps(best, _mm256_set1_ps(hmax8(best)), _CMP_EQ_OQ);
+        y = hmin8_epi32(_mm256_castps_si256(_mm256_blendv_ps(
+            _mm256_castsi256_ps(_mm256_set1_epi32(std::numeric_limits<int32_t>::max())), _mm256_castsi256_ps(arg), at_max)));
+      }
+      const float conf = pr[y];
+      cfa[u] = conf;
+      ya[u] = static_cast<int32_t>(y);
+      zya[u] = zr[y];
+      const float mx = hmax8(_mm256_max_ps(zm0, zm1));
+      mxa[u] = mx;
+      if (k.hard && !(conf >= ta[u])) {
+        __m256 zn = _mm256_setzero_ps();
+        for (j = 0; j < Cv; j += 8) {
+          const __m256 v = _mm256_loadu_ps(zr + j);
+          zn = _mm256_or_ps(zn, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        }
+        if (rem) {
+          const __m256 v = _mm256_maskload_ps(zr + Cv, tm);  // masked-off lanes read 0
+          zn = _mm256_or_ps(zn, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        }
+        if (!_mm256_movemask_ps(zn)) {
+          sma[u] = 1.0f;
+          if (k.exps) std::memset(k.exps + i * C, 0, sizeof(float) * C);
+          continue;
         }
       }
+      const __m256 vmx = _mm256_set1_ps(mx);
+      __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+      if (k.exps) {
+        float* er = k.exps + i * C;
+        for (j = 0; j + 16 <= Cv; j += 16) {
+          const __m256 e0 = exp8(_mm256_sub_ps(_mm256_loadu_ps(zr + j), vmx));
+          const __m256 e1 = exp8(_mm256_sub_ps(_mm256_loadu_ps(zr + j + 8), vmx));
+          _mm256_storeu_ps(er + j, e0);
+          _mm256_storeu_ps(er + j + 8, e1);
+          s0 = _mm256_add_ps(s0, e0);
+          s1 = _mm256_add_ps(s1, e1);
+        }
+        for (; j < Cv; j += 8) {
+          const __m256 e0 = exp8(_mm256_sub_ps(_mm256_loadu_ps(zr + j), vmx));
+          _mm256_storeu_ps(er + j, e0);
+          s0 = _mm256_add_ps(s0, e0);
+        }
+        if (rem) {
+          const __m256 e1 = _mm256_and_ps(_mm256_castsi256_ps(tm), exp8(_mm256_sub_ps(_mm256_maskload_ps(zr + Cv, tm), vmx)));
+          _mm256_maskstore_ps(er + Cv, tm, e1);
+          s1 = _mm256_add_ps(s1, e1);
+        }
+      } else {
+        for (j = 0; j + 16 <= Cv; j += 16) {
+          s0 = _mm256_add_ps(s0, exp8(_mm256_sub_ps(_mm256_loadu_ps(zr + j), vmx)));
+          s1 = _mm256_add_ps(s1, exp8(_mm256_sub_ps(_mm256_loadu_ps(zr + j + 8), vmx)));
+        }
+        for (; j < Cv; j += 8) s0 = _mm256_add_ps(s0, exp8(_mm256_sub_ps(_mm256_loadu_ps(zr + j), vmx)));
+        if (rem)
+          s1 = _mm256_add_ps(s1, _mm256_and_ps(_mm256_castsi256_ps(tm),
+                                               exp8(_mm256_sub_ps(_mm256_maskload_ps(zr + Cv, tm), vmx))));
+      }
+      sma[u] = hsum8(_mm256_add_ps(s0, s1));
     }
-    const float conf = pr[y];
-    // Maximum of the logits (NaN ignored, as the generic code) and sum of exp(z - max).
-    __m256 zm0 = lowest, zm1 = lowest;
-    for (j = 0; j + 16 <= Cv; j += 16) {
-      zm0 = _mm256_max_ps(_mm256_loadu_ps(zr + j), zm0);
-      zm1 = _mm256_max_ps(_mm256_loadu_ps(zr + j + 8), zm1);
+    for (int u = n; u < 8; ++u) {  // lanes past the end copy the block's first row
+      cfa[u] = cfa[0], mxa[u] = mxa[0], sma[u] = sma[0], zya[u] = zya[0], ta[u] = ta[0], ya[u] = ya[0];
     }
-    for (; j < Cv; j += 8) zm0 = _mm256_max_ps(_mm256_loadu_ps(zr + j), zm0);
-    if (rem) zm0 = _mm256_max_ps(_mm256_blendv_ps(lowest, _mm256_maskload_ps(zr + Cv, tm), _mm256_castsi256_ps(tm)), zm0);
-    const float mx = hmax8(_mm256_max_ps(zm0, zm1));
-    const __m256 vmx = _mm256_set1_ps(mx);
-    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-    for (j = 0; j + 16 <= Cv; j += 16) {
-      s0 = _mm256_add_ps(s0, exp8(_mm256_sub_ps(_mm256_loadu_ps(zr + j), vmx)));
-      s1 = _mm256_add_ps(s1, exp8(_mm256_sub_ps(_mm256_loadu_ps(zr + j + 8), vmx)));
-    }
-    for (; j < Cv; j += 8) s0 = _mm256_add_ps(s0, exp8(_mm256_sub_ps(_mm256_loadu_ps(zr + j), vmx)));
-    if (rem)
-      s1 = _mm256_add_ps(s1, _mm256_and_ps(_mm256_castsi256_ps(tm),
-                                           exp8(_mm256_sub_ps(_mm256_maskload_ps(zr + Cv, tm), vmx))));
-    const float sum = hsum8(_mm256_add_ps(s0, s1));
-    k.finish_row(i, y, conf, mx, sum, zr[y]);
+    finish8(k, i0, n, _mm256_load_ps(cfa), _mm256_load_si256(reinterpret_cast<const __m256i*>(ya)),
+            _mm256_load_ps(mxa), _mm256_load_ps(sma), _mm256_load_ps(zya), _mm256_load_ps(ta));
   }
 }
 
@@ -560,7 +697,6 @@ SSL_AVX2_FN void bwd_f32_avx2(const MaskedCEBwd<float>& k, int64_t b, int64_t e)
   const __m256i tm = tail_mask(rem);
   const __m256 beta = _mm256_set1_ps(k.beta);
   const __m256 one = _mm256_set1_ps(1.0f);
-  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   for (int64_t i0 = b; i0 < e; i0 += 8) {
     const int n = static_cast<int>(std::min<int64_t>(8, e - i0));
     alignas(32) float mxa[8], lsa[8], cfa[8], ta[8], gla[8], gma[8], zya[8], sca[8];
@@ -575,6 +711,8 @@ SSL_AVX2_FN void bwd_f32_avx2(const MaskedCEBwd<float>& k, int64_t b, int64_t e)
     const __m256 m = mask8(_mm256_load_ps(cfa), _mm256_load_ps(ta), beta, k.hard);
     const __m256 gl = _mm256_load_ps(gla);
     _mm256_store_ps(sca, _mm256_mul_ps(gl, m));
+    alignas(32) float inva[8];  // 1 / sum of exp(z - max) = exp(-log_sum), log_sum >= 0
+    if (k.exps) _mm256_store_ps(inva, exp8(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_load_ps(lsa))));
     if (k.hard) {
       for (int u = 0; u < n; ++u) k.grad_tau[i0 + u] = 0.0f;
     } else {
@@ -601,19 +739,31 @@ SSL_AVX2_FN void bwd_f32_avx2(const MaskedCEBwd<float>& k, int64_t b, int64_t e)
         if (rem) _mm256_maskstore_ps(out + Cv, tm, _mm256_setzero_ps());
         continue;
       }
+      const int64_t y = k.pseudo[i];
+      if (k.exps) {  // the forward's exp(z - max): scale * exp(z - max) / sum
+        const float* ei = k.exps + i * C;
+        const __m256 vs = _mm256_set1_ps(s * inva[u]);
+        int64_t j = 0;
+        for (; j < Cv; j += 8) _mm256_storeu_ps(out + j, _mm256_mul_ps(vs, _mm256_loadu_ps(ei + j)));
+        if (rem) _mm256_maskstore_ps(out + j, tm, _mm256_mul_ps(vs, _mm256_maskload_ps(ei + j, tm)));
+        out[y] = s * (ei[y] * inva[u] - 1.0f);
+        continue;
+      }
+      // scale * softmax, then the pseudo-label's column once more as scale * (softmax - 1),
+      // with the same exp (not scale * softmax - scale, which cancels when softmax is near 1).
+      // log_sum >= 0, so (z - max) - log_sum <= 0.
       const __m256 vs = _mm256_set1_ps(s), vmx = _mm256_set1_ps(mxa[u]), vls = _mm256_set1_ps(lsa[u]);
-      const __m256i vy = _mm256_set1_epi32(static_cast<int>(k.pseudo[i]));
       int64_t j = 0;
       for (; j < Cv; j += 8) {
         const __m256 ex = exp8(_mm256_sub_ps(_mm256_sub_ps(_mm256_loadu_ps(zi + j), vmx), vls));
-        const __m256 hot = _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_add_epi32(iota, _mm256_set1_epi32(static_cast<int>(j))), vy)), one);
-        _mm256_storeu_ps(out + j, _mm256_mul_ps(vs, _mm256_sub_ps(ex, hot)));
+        _mm256_storeu_ps(out + j, _mm256_mul_ps(vs, ex));
       }
       if (rem) {
         const __m256 ex = exp8(_mm256_sub_ps(_mm256_sub_ps(_mm256_maskload_ps(zi + j, tm), vmx), vls));
-        const __m256 hot = _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_add_epi32(iota, _mm256_set1_epi32(static_cast<int>(j))), vy)), one);
-        _mm256_maskstore_ps(out + j, tm, _mm256_mul_ps(vs, _mm256_sub_ps(ex, hot)));
+        _mm256_maskstore_ps(out + j, tm, _mm256_mul_ps(vs, ex));
       }
+      const float ey = _mm256_cvtss_f32(exp8(_mm256_set1_ps((zi[y] - mxa[u]) - lsa[u])));
+      out[y] = s * (ey - 1.0f);
     }
   }
 }
@@ -818,7 +968,7 @@ int64_t tau_stride(const at::Tensor& tau) {
 
 void masked_ce_forward_cpu(const at::Tensor& logits, const at::Tensor& probs, const at::Tensor& tau,
                            double tau_value, double beta, at::Tensor& loss, at::Tensor& mask,
-                           at::Tensor& pseudo_label, at::Tensor& aux) {
+                           at::Tensor& pseudo_label, at::Tensor& aux, at::Tensor& exp_z) {
   const int64_t N = logits.size(0), C = logits.size(1);
   if (N == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "masked_ce_cpu", [&] {
@@ -829,7 +979,8 @@ void masked_ce_forward_cpu(const at::Tensor& logits, const at::Tensor& probs, co
                                   static_cast<acc_t>(tau_value),     static_cast<acc_t>(beta),
                                   std::isinf(beta),                  C,
                                   loss.data_ptr<scalar_t>(),         mask.data_ptr<scalar_t>(),
-                                  pseudo_label.data_ptr<int64_t>(),  aux.data_ptr<acc_t>()};
+                                  pseudo_label.data_ptr<int64_t>(),  aux.data_ptr<acc_t>(),
+                                  exp_z.numel() ? exp_z.data_ptr<acc_t>() : nullptr};
     if (run_avx2(k, N, C)) return;
     at::parallel_for(0, N, row_grain(C), [&](int64_t b, int64_t e) { run(k, b, e); });
   });
@@ -838,7 +989,8 @@ void masked_ce_forward_cpu(const at::Tensor& logits, const at::Tensor& probs, co
 void masked_ce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& grad_mask,
                             const at::Tensor& logits, const at::Tensor& pseudo_label,
                             const at::Tensor& aux, const at::Tensor& tau, double tau_value,
-                            double beta, at::Tensor& grad_logits, at::Tensor& grad_tau) {
+                            double beta, const at::Tensor& exp_z, at::Tensor& grad_logits,
+                            at::Tensor& grad_tau) {
   const int64_t N = logits.size(0), C = logits.size(1);
   if (N == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "masked_ce_backward_cpu", [&] {
@@ -858,6 +1010,7 @@ void masked_ce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& grad_
         static_cast<acc_t>(beta),
         std::isinf(beta),
         C,
+        exp_z.defined() ? exp_z.const_data_ptr<acc_t>() : nullptr,
         grad_logits.data_ptr<scalar_t>(),
         grad_tau.data_ptr<acc_t>()};
     if (run_avx2(k, N, C)) return;

@@ -117,10 +117,11 @@ void check_beta(double beta) {
 // ------------------------------------------------------------------------------------------
 // Device-generic front-ends.
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> masked_ce_impl(const Tensor& logits_s,
-                                                          const Tensor& probs_w,
-                                                          const std::optional<Tensor>& tau,
-                                                          double tau_value, double beta) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> masked_ce_impl(const Tensor& logits_s,
+                                                                  const Tensor& probs_w,
+                                                                  const std::optional<Tensor>& tau,
+                                                                  double tau_value, double beta,
+                                                                  bool save_exp) {
   check_matrix(logits_s, "masked_ce", "logits_s");
   check_like(probs_w, logits_s, "masked_ce", "probs_w", "logits_s");
   check_beta(beta);
@@ -134,6 +135,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> masked_ce_impl(const Tensor& logits_s
   Tensor mask = at::empty({N}, opts);
   Tensor pseudo = at::empty({N}, opts.dtype(at::kLong));
   Tensor aux = at::empty({N, 3}, opts.dtype(acc));
+  // Saved on CPU only, where the backward's exp is its main cost. On a GPU the backward is bound
+  // by memory, and reading the logits again is cheaper than writing and reading exp_z.
+  const bool saved = save_exp && !logits_s.is_cuda();
+  Tensor exp_z = at::empty({saved ? N : 0, logits_s.size(1)}, opts.dtype(acc));
   const Tensor z = unit_inner_stride(logits_s), p = unit_inner_stride(probs_w);
   if (logits_s.is_cuda()) {
 #ifdef SSLKERNELS_WITH_CUDA
@@ -142,15 +147,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> masked_ce_impl(const Tensor& logits_s
     no_cuda("masked_ce");
 #endif
   } else {
-    masked_ce_forward_cpu(z, p, t, tau_value, beta, loss, mask, pseudo, aux);
+    masked_ce_forward_cpu(z, p, t, tau_value, beta, loss, mask, pseudo, aux, exp_z);
   }
-  return {loss, mask, pseudo, aux};
+  return {loss, mask, pseudo, aux, exp_z};
 }
 
 std::tuple<Tensor, Tensor> masked_ce_backward_impl(
     const std::optional<Tensor>& grad_loss, const std::optional<Tensor>& grad_mask,
     const Tensor& logits_s, const Tensor& pseudo_label, const Tensor& aux,
-    const std::optional<Tensor>& tau, double tau_value, double beta) {
+    const std::optional<Tensor>& tau, double tau_value, double beta,
+    const std::optional<Tensor>& exp_z) {
   check_matrix(logits_s, "masked_ce_backward", "logits_s");
   check_beta(beta);
   const int64_t N = logits_s.size(0);
@@ -173,6 +179,14 @@ std::tuple<Tensor, Tensor> masked_ce_backward_impl(
 
   Tensor grad_logits = at::empty({N, logits_s.size(1)}, logits_s.options());
   Tensor grad_tau = at::empty({N}, logits_s.options().dtype(acc));
+  // An empty exp_z (what masked_ce returns on CUDA or without save_exp): recompute the exps.
+  Tensor e;
+  if (exp_z.has_value() && exp_z->defined() && exp_z->numel() > 0) {
+    TORCH_CHECK_VALUE(exp_z->dim() == 2 && exp_z->size(0) == N && exp_z->size(1) == logits_s.size(1) &&
+                          exp_z->scalar_type() == acc && exp_z->device() == logits_s.device(),
+                      "sslkernels.masked_ce_backward: exp_z must be the (N, C) exp_z output of masked_ce");
+    e = exp_z->contiguous();
+  }
   const Tensor z = unit_inner_stride(logits_s);
   const Tensor p = pseudo_label.contiguous(), a = aux.contiguous();
   if (logits_s.is_cuda()) {
@@ -182,7 +196,7 @@ std::tuple<Tensor, Tensor> masked_ce_backward_impl(
     no_cuda("masked_ce_backward");
 #endif
   } else {
-    masked_ce_backward_cpu(gl, gm, z, p, a, t, tau_value, beta, grad_logits, grad_tau);
+    masked_ce_backward_cpu(gl, gm, z, p, a, t, tau_value, beta, e, grad_logits, grad_tau);
   }
   return {grad_logits, grad_tau};
 }
@@ -289,7 +303,8 @@ bool requires_grad(const std::optional<Tensor>& t) { return t.has_value() && req
 std::tuple<Tensor, Tensor> masked_ce_backward_autograd(
     const std::optional<Tensor>& grad_loss, const std::optional<Tensor>& grad_mask,
     const Tensor& logits_s, const Tensor& pseudo_label, const Tensor& aux,
-    const std::optional<Tensor>& tau, double tau_value, double beta) {
+    const std::optional<Tensor>& tau, double tau_value, double beta,
+    const std::optional<Tensor>& exp_z) {
   if (at::GradMode::is_enabled() &&
       (requires_grad(grad_loss) || requires_grad(grad_mask) || requires_grad(logits_s) ||
        requires_grad(tau))) {
@@ -299,31 +314,34 @@ std::tuple<Tensor, Tensor> masked_ce_backward_autograd(
   }
   at::AutoDispatchBelowADInplaceOrView guard;
   return masked_ce_backward_op().call(grad_loss, grad_mask, logits_s, pseudo_label, aux, tau,
-                                      tau_value, beta);
+                                      tau_value, beta, exp_z);
 }
 
 class MaskedCEFunction : public torch::autograd::Function<MaskedCEFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& logits_s, const Tensor& probs_w,
-                               const std::optional<Tensor>& tau, double tau_value, double beta) {
-    Tensor loss, mask, pseudo, aux;
+                               const std::optional<Tensor>& tau, double tau_value, double beta,
+                               bool save_exp) {
+    Tensor loss, mask, pseudo, aux, exp_z;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
-      std::tie(loss, mask, pseudo, aux) = masked_ce_op().call(logits_s, probs_w, tau, tau_value, beta);
+      std::tie(loss, mask, pseudo, aux, exp_z) =
+          masked_ce_op().call(logits_s, probs_w, tau, tau_value, beta, save_exp);
     }
     const Tensor t = tau.has_value() ? *tau : Tensor();
-    ctx->save_for_backward({logits_s, t, pseudo, aux});
+    ctx->save_for_backward({logits_s, t, pseudo, aux, exp_z});
     ctx->saved_data["tau_value"] = tau_value;
     ctx->saved_data["beta"] = beta;
-    ctx->mark_non_differentiable({pseudo, aux});
+    ctx->mark_non_differentiable({pseudo, aux, exp_z});
     // Unused outputs (usually the mask) then arrive as undefined gradients, not as zeros.
     ctx->set_materialize_grads(false);
-    return {loss, mask, pseudo, aux};
+    return {loss, mask, pseudo, aux, exp_z};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
-    const Tensor &logits_s = saved[0], &tau = saved[1], &pseudo = saved[2], &aux = saved[3];
+    const Tensor &logits_s = saved[0], &tau = saved[1], &pseudo = saved[2], &aux = saved[3],
+                 &exp_z = saved[4];
     const double tau_value = ctx->saved_data["tau_value"].toDouble();
     const double beta = ctx->saved_data["beta"].toDouble();
     // Edges exist only for tensor inputs: logits_s (0), probs_w (1) and tau (2) when given.
@@ -336,7 +354,7 @@ class MaskedCEFunction : public torch::autograd::Function<MaskedCEFunction> {
       std::tie(grad_logits, grad_tau) =
           masked_ce_backward_op().call(grad_loss, grad_mask, logits_s, pseudo, aux,
                                        tau.defined() ? std::optional<Tensor>(tau) : std::nullopt,
-                                       tau_value, beta);
+                                       tau_value, beta, exp_z);
       if (need_tau) {
         if (tau.dim() == 0) grad_tau = grad_tau.sum();
         grad_tau = grad_tau.to(tau.scalar_type());
@@ -345,7 +363,7 @@ class MaskedCEFunction : public torch::autograd::Function<MaskedCEFunction> {
       }
       if (!need_logits) grad_logits = Tensor();
     }
-    return {grad_logits, Tensor(), grad_tau, Tensor(), Tensor()};
+    return {grad_logits, Tensor(), grad_tau, Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -367,12 +385,14 @@ Tensor fd_pseudo_label_autograd(const Tensor& logits_plus, const Tensor& logits_
   return op.call(logits_plus, logits_minus, y_tilde, eps, step);
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> masked_ce_autograd(const Tensor& logits_s,
-                                                              const Tensor& probs_w,
-                                                              const std::optional<Tensor>& tau,
-                                                              double tau_value, double beta) {
-  variable_list out = MaskedCEFunction::apply(logits_s, probs_w, tau, tau_value, beta);
-  return {out[0], out[1], out[2], out[3]};
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> masked_ce_autograd(
+    const Tensor& logits_s, const Tensor& probs_w, const std::optional<Tensor>& tau,
+    double tau_value, double beta, bool save_exp) {
+  // The backward to logits_s is cheaper with the forward's exps (on CPU): save them whenever
+  // that backward can happen.
+  const bool save = save_exp || (at::GradMode::is_enabled() && logits_s.requires_grad());
+  variable_list out = MaskedCEFunction::apply(logits_s, probs_w, tau, tau_value, beta, save);
+  return {out[0], out[1], out[2], out[3], out[4]};
 }
 
 }  // namespace
@@ -380,14 +400,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> masked_ce_autograd(const Tensor& logi
 // `aux` is (N, 3) in the accumulation dtype: per row the maximum of logits_s, the log of the sum
 // of exp(logits_s - maximum) and conf = max probs_w. It is what the backward needs to rebuild the
 // softmax and the mask in one pass without cancellation; it carries no gradient.
+// `exp_z` is, with save_exp on a CPU tensor, the (N, C) exp(logits_s - row maximum) in the
+// accumulation dtype (the softmax before normalisation; zeros for rows the hard mask skips, see
+// cpu_kernels.cpp), so that the backward need not compute them again; otherwise it is (0, C).
+// The autograd kernel sets save_exp when logits_s requires grad.
 TORCH_LIBRARY(sslkernels, m) {
   m.def(
-      "masked_ce(Tensor logits_s, Tensor probs_w, Tensor? tau, float tau_value, float beta) -> "
-      "(Tensor loss, Tensor mask, Tensor pseudo_label, Tensor aux)");
+      "masked_ce(Tensor logits_s, Tensor probs_w, Tensor? tau, float tau_value, float beta, "
+      "bool save_exp=False) -> (Tensor loss, Tensor mask, Tensor pseudo_label, Tensor aux, Tensor exp_z)");
   m.def(
       "masked_ce_backward(Tensor? grad_loss, Tensor? grad_mask, Tensor logits_s, "
-      "Tensor pseudo_label, Tensor aux, Tensor? tau, float tau_value, float beta) -> "
-      "(Tensor grad_logits, Tensor grad_tau)");
+      "Tensor pseudo_label, Tensor aux, Tensor? tau, float tau_value, float beta, "
+      "Tensor? exp_z=None) -> (Tensor grad_logits, Tensor grad_tau)");
   m.def("class_confidence(Tensor probs) -> (Tensor mean, Tensor counts)");
   m.def(
       "fd_pseudo_label(Tensor logits_plus, Tensor logits_minus, Tensor y_tilde, float eps, "

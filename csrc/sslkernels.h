@@ -34,13 +34,16 @@ inline ChunkPlan plan_chunks(int64_t M, int64_t C, int64_t min_rows, int64_t max
 
 // ---------------------------------------------------------------------------------------------
 // CPU kernels (cpu_kernels.cpp)
+// exp_z: an empty tensor, or a contiguous (N, C) tensor in the accumulation dtype that the
+// forward fills with exp(logits - row max) and the backward then reads instead of recomputing.
 void masked_ce_forward_cpu(const at::Tensor& logits, const at::Tensor& probs, const at::Tensor& tau,
                            double tau_value, double beta, at::Tensor& loss, at::Tensor& mask,
-                           at::Tensor& pseudo_label, at::Tensor& aux);
+                           at::Tensor& pseudo_label, at::Tensor& aux, at::Tensor& exp_z);
 void masked_ce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& grad_mask,
                             const at::Tensor& logits, const at::Tensor& pseudo_label,
                             const at::Tensor& aux, const at::Tensor& tau, double tau_value,
-                            double beta, at::Tensor& grad_logits, at::Tensor& grad_tau);
+                            double beta, const at::Tensor& exp_z, at::Tensor& grad_logits,
+                            at::Tensor& grad_tau);
 void class_confidence_cpu(const at::Tensor& probs, at::Tensor& mean, at::Tensor& counts);
 void fd_pseudo_label_cpu(const at::Tensor& logits_plus, const at::Tensor& logits_minus,
                          const at::Tensor& y_tilde, double eps, double step, at::Tensor& y_hat);

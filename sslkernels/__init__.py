@@ -79,9 +79,9 @@ def masked_ce(logits_s: Tensor, probs_w: Tensor, tau, beta: float = math.inf):
         the backward is itself differentiable (``create_graph=True``) w.r.t. both.
     """
     if isinstance(tau, Tensor):
-        loss, mask, pseudo_label, _ = _masked_ce(logits_s, probs_w, tau, 0.0, beta)
+        loss, mask, pseudo_label, _, _ = _masked_ce(logits_s, probs_w, tau, 0.0, beta)
     elif isinstance(tau, (float, int)):
-        loss, mask, pseudo_label, _ = _masked_ce(logits_s, probs_w, None, tau, beta)
+        loss, mask, pseudo_label, _, _ = _masked_ce(logits_s, probs_w, None, tau, beta)
     else:
         raise TypeError(f"sslkernels.masked_ce: tau must be a float or a tensor, got {type(tau).__name__}")
     return loss, mask, pseudo_label
@@ -151,21 +151,24 @@ def _check_tau(tau, logits_s):
 
 
 @torch.library.register_fake("sslkernels::masked_ce")
-def _masked_ce_fake(logits_s, probs_w, tau, tau_value, beta):
+def _masked_ce_fake(logits_s, probs_w, tau, tau_value, beta, save_exp=False):
     _check_matrix(logits_s, "masked_ce", "logits_s")
     _check_like(probs_w, logits_s, "masked_ce", "probs_w", "logits_s")
     _check_tau(tau, logits_s)
-    n = logits_s.shape[0]
+    n, c = logits_s.shape
+    acc = _acc_dtype(logits_s.dtype)
+    saved = save_exp and logits_s.device.type == "cpu"  # as the C++ front-end decides
     return (
         logits_s.new_empty(n),
         logits_s.new_empty(n),
         logits_s.new_empty(n, dtype=torch.int64),
-        logits_s.new_empty((n, 3), dtype=_acc_dtype(logits_s.dtype)),
+        logits_s.new_empty((n, 3), dtype=acc),
+        logits_s.new_empty((n if saved else 0, c), dtype=acc),
     )
 
 
 @torch.library.register_fake("sslkernels::masked_ce_backward")
-def _masked_ce_backward_fake(grad_loss, grad_mask, logits_s, pseudo_label, aux, tau, tau_value, beta):
+def _masked_ce_backward_fake(grad_loss, grad_mask, logits_s, pseudo_label, aux, tau, tau_value, beta, exp_z=None):
     _check_matrix(logits_s, "masked_ce_backward", "logits_s")
     return logits_s.new_empty(logits_s.shape), logits_s.new_empty(logits_s.shape[0], dtype=_acc_dtype(logits_s.dtype))
 

@@ -221,6 +221,66 @@ def test_masked_ce_meta_gradient_matches_reference(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("c", [3, 10, 17, 24, 100, 103])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("beta", [math.inf, 100.0])
+def test_masked_ce_special_values_match_reference(device, c, dtype, beta):
+    """Ties at scattered columns, NaN in probs_w, and NaN / inf logits in rows whose mask is 0 or 1,
+    at class counts of each CPU path (rows in lanes, rows along vectors, with and without a tail)."""
+    gen = torch.Generator().manual_seed(c)
+    n = 40
+    probs = random_probs(n, c, gen, sharpness=6.0)
+    logits = torch.randn(n, c, generator=gen) * 3
+    cols = torch.randint(0, c, (n, 2), generator=gen)
+    for i in range(0, n, 4):  # the row maximum at two columns: the first one is the pseudo-label
+        probs[i, cols[i]] = probs[i].max() + 0.01
+    for i in range(1, n, 8):
+        probs[i, cols[i, 0]] = float("nan")
+    special = [float("nan"), float("inf"), -float("inf")]
+    for i in range(2, n, 3):
+        logits[i, cols[i, 1]] = special[(i // 3) % 3]
+    tau = torch.where(torch.arange(n) % 2 == 0, torch.tensor(0.05), torch.tensor(1.5))  # mask ~1 / ~0
+    logits, probs, tau = logits.to(dtype).to(device), probs.to(dtype).to(device), tau.to(device)
+    loss, mask, pseudo = sslkernels.masked_ce(logits, probs, tau, beta)
+    ref_loss, ref_mask, ref_pseudo = reference.masked_ce(logits, probs, tau, beta)
+    torch.testing.assert_close(pseudo, ref_pseudo, rtol=0, atol=0)
+    torch.testing.assert_close(mask, ref_mask, rtol=1e-6, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("c", [3, 10, 17, 24, 100, 103])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("beta", [math.inf, 100.0])
+def test_masked_ce_backward_from_saved_exps_equals_recomputed(device, c, dtype, beta):
+    """On CPU the forward saves exp(logits_s - row max) for the backward when asked (the autograd
+    kernel asks when logits_s requires grad); a backward from them equals one that recomputes
+    them. On CUDA nothing is saved."""
+    gen = torch.Generator().manual_seed(100 + c)
+    n = 37
+    logits = (torch.randn(n, c, generator=gen) * 3).to(dtype).to(device)
+    probs = random_probs(n, c, gen).to(dtype).to(device)
+    tau = (torch.rand(n, generator=gen) * 0.6 + 0.2).to(device)
+    grad_loss, grad_mask = (torch.randn(n, generator=gen).to(dtype).to(device) for _ in range(2))
+    ops = torch.ops.sslkernels
+    assert ops.masked_ce.default(logits, probs, tau, 0.0, beta)[4].shape == (0, c)
+    _, mask, pseudo, aux, exp_z = ops.masked_ce.default(logits, probs, tau, 0.0, beta, True)
+    if device == "cuda":
+        assert exp_z.shape == (0, c)
+        return
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert exp_z.shape == (n, c) and exp_z.dtype == acc
+    z = logits.to(acc)
+    kept = mask != 0  # a row the hard mask drops may be skipped (zeros)
+    assert_close(exp_z[kept], torch.exp(z - z.max(1, keepdim=True).values)[kept], acc)
+    saved = ops.masked_ce_backward.default(grad_loss, grad_mask, logits, pseudo, aux, tau, 0.0, beta, exp_z)
+    recomputed = ops.masked_ce_backward.default(grad_loss, grad_mask, logits, pseudo, aux, tau, 0.0, beta)
+    for a, b in zip(saved, recomputed):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert_close(a, b, dtype, scale=max(1.0, beta if math.isfinite(beta) else 1.0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_masked_ce_probs_w_gets_no_gradient(device):
     logits = torch.randn(4, 3, device=device, requires_grad=True)
     probs = torch.softmax(torch.randn(4, 3, device=device), 1).requires_grad_()
@@ -351,11 +411,17 @@ def opcheck_cases(device):
         (torch.ops.sslkernels.class_confidence.default, (probs.half(),)),
         (torch.ops.sslkernels.fd_pseudo_label.default, (logits.detach(), logits.detach() + 0.01, probs, 0.01, 0.1)),
     ]
-    _, _, pseudo, aux = torch.ops.sslkernels.masked_ce.default(logits.detach(), probs, tau.detach(), 0.0, 20.0)
+    _, _, pseudo, aux, exp_z = torch.ops.sslkernels.masked_ce.default(logits.detach(), probs, tau.detach(), 0.0, 20.0, True)
     cases.append(
         (
             torch.ops.sslkernels.masked_ce_backward.default,
             (torch.ones(9, device=device), None, logits.detach(), pseudo, aux, tau.detach(), 0.0, 20.0),
+        )
+    )
+    cases.append(
+        (
+            torch.ops.sslkernels.masked_ce_backward.default,
+            (torch.ones(9, device=device), None, logits.detach(), pseudo, aux, tau.detach(), 0.0, 20.0, exp_z),
         )
     )
     return cases
