@@ -549,7 +549,7 @@ SSL_AVX2_FN void fwd_f32_avx2_block(const MaskedCEFwd<float>& k, int64_t b, int6
 // whose logits hold no NaN skips the sum of exp: its loss is 0 * CE = 0 whatever the sum, and
 // its gradient is 0 (the backward skips rows with a zero scale). Its sum is set to 1, so that
 // the loss is computed as 0 * (max - z_y), which keeps the reference's NaN for infinite logits;
-// aux then holds log 1 = 0 for it, which nothing reads.
+// aux then holds log 1 = 0 for it and exp_z (when saved) zeros; a zero scale reads neither.
 SSL_AVX2_FN void fwd_f32_avx2_rows(const MaskedCEFwd<float>& k, int64_t b, int64_t e) {
   const int64_t C = k.C;  // > kAvx2BlockClasses, so a row holds at least two full vectors
   const int64_t Cv = C & ~int64_t(7);
