@@ -643,35 +643,26 @@ SSL_AVX2_FN void fwd_f32_avx2_rows(const MaskedCEFwd<float>& k, int64_t b, int64
       }
       const __m256 vmx = _mm256_set1_ps(mx);
       __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-      if (k.exps) {
-        float* er = k.exps + i * C;
-        for (j = 0; j + 16 <= Cv; j += 16) {
-          const __m256 e0 = exp8(_mm256_sub_ps(_mm256_loadu_ps(zr + j), vmx));
-          const __m256 e1 = exp8(_mm256_sub_ps(_mm256_loadu_ps(zr + j + 8), vmx));
+      float* er = k.exps ? k.exps + i * C : nullptr;  // also store exp(z - max) when asked
+      for (j = 0; j + 16 <= Cv; j += 16) {
+        const __m256 e0 = exp8(_mm256_sub_ps(_mm256_loadu_ps(zr + j), vmx));
+        const __m256 e1 = exp8(_mm256_sub_ps(_mm256_loadu_ps(zr + j + 8), vmx));
+        if (er) {
           _mm256_storeu_ps(er + j, e0);
           _mm256_storeu_ps(er + j + 8, e1);
-          s0 = _mm256_add_ps(s0, e0);
-          s1 = _mm256_add_ps(s1, e1);
         }
-        for (; j < Cv; j += 8) {
-          const __m256 e0 = exp8(_mm256_sub_ps(_mm256_loadu_ps(zr + j), vmx));
-          _mm256_storeu_ps(er + j, e0);
-          s0 = _mm256_add_ps(s0, e0);
-        }
-        if (rem) {
-          const __m256 e1 = _mm256_and_ps(_mm256_castsi256_ps(tm), exp8(_mm256_sub_ps(_mm256_maskload_ps(zr + Cv, tm), vmx)));
-          _mm256_maskstore_ps(er + Cv, tm, e1);
-          s1 = _mm256_add_ps(s1, e1);
-        }
-      } else {
-        for (j = 0; j + 16 <= Cv; j += 16) {
-          s0 = _mm256_add_ps(s0, exp8(_mm256_sub_ps(_mm256_loadu_ps(zr + j), vmx)));
-          s1 = _mm256_add_ps(s1, exp8(_mm256_sub_ps(_mm256_loadu_ps(zr + j + 8), vmx)));
-        }
-        for (; j < Cv; j += 8) s0 = _mm256_add_ps(s0, exp8(_mm256_sub_ps(_mm256_loadu_ps(zr + j), vmx)));
-        if (rem)
-          s1 = _mm256_add_ps(s1, _mm256_and_ps(_mm256_castsi256_ps(tm),
-                                               exp8(_mm256_sub_ps(_mm256_maskload_ps(zr + Cv, tm), vmx))));
+        s0 = _mm256_add_ps(s0, e0);
+        s1 = _mm256_add_ps(s1, e1);
+      }
+      for (; j < Cv; j += 8) {
+        const __m256 e0 = exp8(_mm256_sub_ps(_mm256_loadu_ps(zr + j), vmx));
+        if (er) _mm256_storeu_ps(er + j, e0);
+        s0 = _mm256_add_ps(s0, e0);
+      }
+      if (rem) {
+        const __m256 e1 = _mm256_and_ps(_mm256_castsi256_ps(tm), exp8(_mm256_sub_ps(_mm256_maskload_ps(zr + Cv, tm), vmx)));
+        if (er) _mm256_maskstore_ps(er + Cv, tm, e1);
+        s1 = _mm256_add_ps(s1, e1);
       }
       sma[u] = hsum8(_mm256_add_ps(s0, s1));
     }
