@@ -224,20 +224,23 @@ def test_checkpoint_write_is_atomic(fixmatch, tmp_path, monkeypatch):
 
 
 def test_bad_input_gets_one_clear_line(fixmatch, tmp_path):
-    assert "unknown --dataset 'mnist'" in error_of(fixmatch, tiny(tmp_path, "--dataset", "mnist"))
-    assert "multiple of the 4 classes" in error_of(fixmatch, tiny(tmp_path, "--labels", "10"))
-    assert "fewer than the 100 labeled" in error_of(fixmatch, tiny(tmp_path, "--labels", "400"))
-    assert "unknown --net" in error_of(fixmatch, tiny(tmp_path, "--net", "resnet"))
-    assert "--batch-size must be positive" in error_of(fixmatch, tiny(tmp_path, "--batch-size", "0"))
-    assert "--workers must be 0 or positive" in error_of(fixmatch, tiny(tmp_path, "--workers", "-1"))
-    assert "--seed must be in [0, 2^32)" in error_of(fixmatch, tiny(tmp_path, "--seed", "-1"))
-    assert "--ema is a decay in [0, 1]" in error_of(fixmatch, tiny(tmp_path, "--ema", "1.5"))
-    assert "0 or a positive multiple" in error_of(fixmatch, tiny(tmp_path, "--val-labels", "-4"))
-    # the imbalanced split needs both sizes: --n1 alone used to leave no unlabeled data beyond the labeled
-    assert "needs --m1 > 0" in error_of(fixmatch, tiny(tmp_path, "--n1", "12"))
-    assert "needs both --n1 > 0 and --m1 > 0" in error_of(fixmatch, tiny(tmp_path, "--m1", "30"))
-    # ConvLarge's unpadded 3x3 convolution needs more than the 2x2 maps left of 8x8 images
-    assert "--net convlarge does not fit the 8x8 images" in error_of(fixmatch, tiny(tmp_path, "--net", "convlarge"))
+    for flags, message in [
+        (("--dataset", "mnist"), "unknown --dataset 'mnist'"),
+        (("--labels", "10"), "multiple of the 4 classes"),
+        (("--labels", "400"), "fewer than the 100 labeled"),
+        (("--net", "resnet"), "unknown --net"),
+        (("--batch-size", "0"), "--batch-size must be positive"),
+        (("--workers", "-1"), "--workers must be 0 or positive"),
+        (("--seed", "-1"), "--seed must be in [0, 2^32)"),
+        (("--ema", "1.5"), "--ema is a decay in [0, 1]"),
+        (("--val-labels", "-4"), "0 or a positive multiple"),
+        # the imbalanced split needs both sizes: --n1 alone used to leave no unlabeled data beyond the labeled
+        (("--n1", "12"), "needs --m1 > 0"),
+        (("--m1", "30"), "needs both --n1 > 0 and --m1 > 0"),
+        # ConvLarge's unpadded 3x3 convolution needs more than the 2x2 maps left of 8x8 images
+        (("--net", "convlarge"), "--net convlarge does not fit the 8x8 images"),
+    ]:
+        assert message in error_of(fixmatch, tiny(tmp_path, *flags)), flags
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     assert "corrupt or not a checkpoint" in error_of(fixmatch, tiny(tmp_path, "--resume", str(bad)))
