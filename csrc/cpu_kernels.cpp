@@ -401,6 +401,59 @@ SSL_AVX2_INLINE int32_t hmin8_epi32(__m256i v) {
   return _mm_cvtsi128_si32(a);
 }
 
+// The argmax of a NaN-free row from two per-lane accumulators, each holding per lane the largest
+// value seen and the first column holding it: merge them (a larger value wins, then the smaller
+// column), then take the smallest column among the lanes equal to the maximum.
+SSL_AVX2_INLINE int64_t argmax_merge8(__m256 b0, __m256i a0, __m256 b1, __m256i a1) {
+  const __m256 eq = _mm256_cmp_ps(b1, b0, _CMP_EQ_OQ);
+  const __m256 t = _mm256_or_ps(_mm256_cmp_ps(b1, b0, _CMP_GT_OQ),
+                                _mm256_and_ps(eq, _mm256_castsi256_ps(_mm256_cmpgt_epi32(a0, a1))));
+  const __m256 best = _mm256_blendv_ps(b0, b1, t);
+  const __m256i arg = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(a0), _mm256_castsi256_ps(a1), t));
+  const __m256 at_max = _mm256_cmp_ps(best, _mm256_set1_ps(hmax8(best)), _CMP_EQ_OQ);
+  return hmin8_epi32(_mm256_castps_si256(_mm256_blendv_ps(
+      _mm256_castsi256_ps(_mm256_set1_epi32(std::numeric_limits<int32_t>::max())), _mm256_castsi256_ps(arg), at_max)));
+}
+
+// torch.argmax of a float row of C >= 1 values (first column on ties; the first NaN's column
+// if the row holds one) in one pass without a branch per element: two accumulators of
+// argmax_merge8, fed alternately, and the tail read as -inf past C.
+SSL_AVX2_INLINE int64_t argmax_row8(const float* pr, int64_t C, int64_t Cv, __m256i tm) {
+  const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i sixteen = _mm256_set1_epi32(16);
+  // Lanes start at -inf with their own column: a row of -inf only gives column 0.
+  __m256 b0 = ninf, b1 = ninf, nan = _mm256_setzero_ps();
+  __m256i col0 = iota, col1 = _mm256_add_epi32(iota, _mm256_set1_epi32(8)), a0 = col0, a1 = col1;
+  int64_t j = 0;
+  for (; j + 16 <= Cv; j += 16) {
+    const __m256 v0 = _mm256_loadu_ps(pr + j), v1 = _mm256_loadu_ps(pr + j + 8);
+    const __m256 t0 = _mm256_cmp_ps(v0, b0, _CMP_GT_OQ), t1 = _mm256_cmp_ps(v1, b1, _CMP_GT_OQ);
+    b0 = _mm256_blendv_ps(b0, v0, t0);
+    b1 = _mm256_blendv_ps(b1, v1, t1);
+    a0 = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(a0), _mm256_castsi256_ps(col0), t0));
+    a1 = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(a1), _mm256_castsi256_ps(col1), t1));
+    col0 = _mm256_add_epi32(col0, sixteen);
+    col1 = _mm256_add_epi32(col1, sixteen);
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(v0, v1, _CMP_UNORD_Q));
+  }
+  for (; j < C; j += 8) {  // one more full vector and / or the tail
+    const __m256 v = j < Cv ? _mm256_loadu_ps(pr + j)
+                            : _mm256_blendv_ps(ninf, _mm256_maskload_ps(pr + j, tm), _mm256_castsi256_ps(tm));
+    const __m256 t = _mm256_cmp_ps(v, b0, _CMP_GT_OQ);
+    b0 = _mm256_blendv_ps(b0, v, t);
+    a0 = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(a0),
+                                              _mm256_castsi256_ps(_mm256_add_epi32(iota, _mm256_set1_epi32(static_cast<int>(j)))), t));
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  }
+  if (_mm256_movemask_ps(nan)) {
+    int64_t y = 0;
+    while (!std::isnan(pr[y])) ++y;
+    return y;
+  }
+  return argmax_merge8(b0, a0, b1, a1);
+}
+
 // Lanes [0, rem) set.
 SSL_AVX2_INLINE __m256i tail_mask(int64_t rem) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(rem)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
@@ -608,16 +661,7 @@ SSL_AVX2_FN void fwd_f32_avx2_rows(const MaskedCEFwd<float>& k, int64_t b, int64
       if (_mm256_movemask_ps(nan)) {
         while (!std::isnan(pr[y])) ++y;
       } else {
-        // Merge the accumulators (a larger value wins, then the smaller column), then the
-        // smallest column among the lanes equal to the maximum.
-        const __m256 eq = _mm256_cmp_ps(b1, b0, _CMP_EQ_OQ);
-        const __m256 t = _mm256_or_ps(_mm256_cmp_ps(b1, b0, _CMP_GT_OQ),
-                                      _mm256_and_ps(eq, _mm256_castsi256_ps(_mm256_cmpgt_epi32(a0, a1))));
-        const __m256 best = _mm256_blendv_ps(b0, b1, t);
-        const __m256i arg = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(a0), _mm256_castsi256_ps(a1), t));
-        const __m256 at_max = _mm256_cmp_ps(best, _mm256_set1_ps(hmax8(best)), _CMP_EQ_OQ);
-        y = hmin8_epi32(_mm256_castps_si256(_mm256_blendv_ps(
-            _mm256_castsi256_ps(_mm256_set1_epi32(std::numeric_limits<int32_t>::max())), _mm256_castsi256_ps(arg), at_max)));
+        y = argmax_merge8(b0, a0, b1, a1);
       }
       const float conf = pr[y];
       cfa[u] = conf;
@@ -945,6 +989,38 @@ bool run_avx2(const MaskedCEBwd<float>& k, int64_t N, int64_t C) {
   at::parallel_for(0, N, row_grain(C), [&](int64_t b, int64_t e) { bwd_f32_avx2(k, b, e); });
   return true;
 }
+
+// class_confidence in float32: the generic chunks with the one-pass argmax of argmax_row8 (the
+// generic argmax finds the maximum, then scans the row again for its first column) and the row
+// added to its class's partial sum on vectors. Each sum still adds the rows in row order, so the
+// result is bitwise that of the generic code.
+SSL_AVX2_FN void cc_chunks_f32_avx2(const ClassConfidenceChunks<float>& k, int64_t kbegin, int64_t kend) {
+  const int64_t C = k.C;
+  const int64_t Cv = C & ~int64_t(7);
+  const __m256i tm = tail_mask(C - Cv);
+  for (int64_t ch = kbegin; ch < kend; ++ch) {
+    float* P = k.partial + ch * C * C;
+    int64_t* H = k.hist + ch * C;
+    std::fill(P, P + C * C, 0.0f);
+    std::fill(H, H + C, int64_t(0));
+    const int64_t r1 = std::min(k.M, (ch + 1) * k.rows_per_chunk);
+    for (int64_t r = ch * k.rows_per_chunk; r < r1; ++r) {
+      const float* row = k.x + r * k.xs;
+      const int64_t y = argmax_row8(row, C, Cv, tm);
+      ++H[y];
+      float* dst = P + y * C;
+      for (int64_t j = 0; j < Cv; j += 8)
+        _mm256_storeu_ps(dst + j, _mm256_add_ps(_mm256_loadu_ps(dst + j), _mm256_loadu_ps(row + j)));
+      if (C > Cv)
+        _mm256_maskstore_ps(dst + Cv, tm, _mm256_add_ps(_mm256_maskload_ps(dst + Cv, tm), _mm256_maskload_ps(row + Cv, tm)));
+    }
+  }
+}
+bool run_avx2(const ClassConfidenceChunks<float>& k, int64_t K, int64_t) {
+  if (!cpu_has_avx2_fma()) return false;
+  at::parallel_for(0, K, 1, [&](int64_t b, int64_t e) { cc_chunks_f32_avx2(k, b, e); });
+  return true;
+}
 #endif
 
 template <typename scalar_t>
@@ -1037,7 +1113,7 @@ void class_confidence_cpu(const at::Tensor& probs, at::Tensor& mean, at::Tensor&
     if (K > 0) {
       const ClassConfidenceChunks<scalar_t> k{probs.const_data_ptr<scalar_t>(), probs.stride(0), M, C,
                                               plan.rows_per_chunk, partial.get(), hist.get()};
-      at::parallel_for(0, K, 1, [&](int64_t b, int64_t e) { run(k, b, e); });
+      if (!run_avx2(k, K, C)) at::parallel_for(0, K, 1, [&](int64_t b, int64_t e) { run(k, b, e); });
     }
     const ClassConfidenceFinal<scalar_t> f{partial.get(), hist.get(), K, C, mean.data_ptr<scalar_t>(),
                                            counts.data_ptr<int64_t>()};

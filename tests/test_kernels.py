@@ -297,7 +297,7 @@ def test_masked_ce_probs_w_gets_no_gradient(device):
 @HYPOTHESIS
 @given(
     m=st.sampled_from([0, 1, 2, 7, 64, 300, 2500, 5000]),
-    c=st.integers(1, 24),
+    c=st.one_of(st.integers(1, 24), st.sampled_from([40, 100, 103])),
     dtype=st.sampled_from(DTYPES),
     kind=st.sampled_from(LAYOUTS),
     ties=st.booleans(),
@@ -311,6 +311,33 @@ def test_class_confidence_matches_reference(device, m, c, dtype, kind, ties, see
     assert mean.shape == (c, c) and mean.dtype == dtype and counts.dtype == torch.int64
     torch.testing.assert_close(counts.cpu(), ref_counts.cpu(), rtol=0, atol=0)
     assert_close(mean, ref_mean, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("c", [1, 3, 8, 10, 17, 24, 100, 103])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_class_confidence_special_values_match_reference(device, c, dtype):
+    """Ties at scattered columns and at columns 8 apart (the first one is the argmax), rows holding
+    NaN or +inf, and rows of -inf only, at class counts with and without full vectors and a tail."""
+    gen = torch.Generator().manual_seed(c)
+    m = 64
+    probs = random_probs(m, c, gen, sharpness=6.0)
+    cols = torch.randint(0, c, (m, 2), generator=gen)
+    for i in range(0, m, 4):
+        probs[i, cols[i]] = probs[i].max() + 0.01
+    for i in range(5, m, 16):
+        probs[i, i % c :: 8] = probs[i].max() + 0.02
+    for i in range(1, m, 8):
+        probs[i, cols[i, 0]] = float("nan")
+    for i in range(2, m, 8):
+        probs[i, cols[i, 1]] = float("inf")
+    for i in range(3, m, 16):
+        probs[i] = -float("inf")
+    probs = probs.to(dtype).to(device)
+    mean, counts = sslkernels.class_confidence(probs)
+    ref_mean, ref_counts = reference.class_confidence(probs)
+    torch.testing.assert_close(counts, ref_counts, rtol=0, atol=0)
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-6, atol=1e-7, equal_nan=True)
 
 
 @pytest.mark.parametrize("device", DEVICES)
