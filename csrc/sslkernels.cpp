@@ -385,12 +385,19 @@ Tensor fd_pseudo_label_autograd(const Tensor& logits_plus, const Tensor& logits_
   return op.call(logits_plus, logits_minus, y_tilde, eps, step);
 }
 
+constexpr int64_t kMaxSavedExps = int64_t(1) << 21;  // 8 MiB of float32
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> masked_ce_autograd(
     const Tensor& logits_s, const Tensor& probs_w, const std::optional<Tensor>& tau,
     double tau_value, double beta, bool save_exp) {
   // The backward to logits_s is cheaper with the forward's exps (on CPU): save them whenever
-  // that backward can happen.
-  const bool save = save_exp || (at::GradMode::is_enabled() && logits_s.requires_grad());
+  // that backward can happen, up to kMaxSavedExps values. Past that, a fresh buffer of that size
+  // costs more in page faults than the exps it saves: one thread, forward + backward through the
+  // ops, saved against recomputed, 0.056 / 0.074 ms at 448 x 100 and 1.7 / 2.1 ms at 2048 x 1000,
+  // but 85 / 54 ms at 16384 x 1000 (2026-11-22; between, it varied with the allocator's state).
+  // sym_numel: the sizes are symbolic when torch.compile traces with dynamic shapes.
+  const bool save = save_exp || (at::GradMode::is_enabled() && logits_s.requires_grad() &&
+                                 logits_s.sym_numel() <= kMaxSavedExps);
   variable_list out = MaskedCEFunction::apply(logits_s, probs_w, tau, tau_value, beta, save);
   return {out[0], out[1], out[2], out[3], out[4]};
 }
@@ -403,7 +410,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> masked_ce_autograd(
 // `exp_z` is, with save_exp on a CPU tensor, the (N, C) exp(logits_s - row maximum) in the
 // accumulation dtype (the softmax before normalisation; zeros for rows the hard mask skips, see
 // cpu_kernels.cpp), so that the backward need not compute them again; otherwise it is (0, C).
-// The autograd kernel sets save_exp when logits_s requires grad.
+// The autograd kernel sets save_exp when logits_s requires grad (and is not too large).
 TORCH_LIBRARY(sslkernels, m) {
   m.def(
       "masked_ce(Tensor logits_s, Tensor probs_w, Tensor? tau, float tau_value, float beta, "

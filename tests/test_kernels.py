@@ -281,6 +281,24 @@ def test_masked_ce_backward_from_saved_exps_equals_recomputed(device, c, dtype, 
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n", [2097, 2098])
+def test_masked_ce_gradients_on_both_sides_of_the_saved_exps_limit(device, n):
+    """Through autograd, the CPU forward saves its exps for logits_s of up to 2^21 values and the
+    backward recomputes them past that; both give the reference's gradients."""
+    gen = torch.Generator().manual_seed(n)
+    c = 1000  # 2097 x 1000 is below 2^21 values, 2098 x 1000 above
+    logits = (torch.randn(n, c, generator=gen) * 3).to(device).requires_grad_()
+    probs = random_probs(n, c, gen).to(device)
+    tau = (torch.rand(n, generator=gen) * 0.6 + 0.2).to(device).requires_grad_()
+    w_loss = torch.randn(n, generator=gen, dtype=torch.float64).to(device)
+    w_mask = torch.randn(n, generator=gen, dtype=torch.float64).to(device)
+    got = reference_grads(sslkernels.masked_ce, logits, probs, tau, 100.0, w_loss, w_mask)
+    want = reference_grads(reference.masked_ce, logits, probs, tau, 100.0, w_loss, w_mask)
+    for g, w in zip(got, want):
+        assert_close(g, w, torch.float32, scale=100.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_masked_ce_probs_w_gets_no_gradient(device):
     logits = torch.randn(4, 3, device=device, requires_grad=True)
     probs = torch.softmax(torch.randn(4, 3, device=device), 1).requires_grad_()
