@@ -20,6 +20,8 @@ extension is built and a few lines of plain PyTorch otherwise (same values, slow
 import argparse
 import contextlib
 import copy
+import ctypes
+import ctypes.util
 import dataclasses
 import functools
 import importlib.util
@@ -802,6 +804,19 @@ def load_checkpoint(where):
     return ckpt
 
 
+def reuse_freed_memory():
+    """Let glibc's malloc keep freed blocks of up to 32 MiB for reuse (CPU training). PyTorch's CPU allocator
+    caches nothing, and glibc returns blocks of a few MiB and more to the system when freed, so each new activation of
+    that size is faulted in again page by page. Measured on cnn_small with 960 rows, one thread: a forward and backward
+    75 -> 68 ms, Meta-T's forward-mode pass 88 -> 66 ms. Returns False where there is no glibc (nothing changes)."""
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from malloc.h; 32 MiB is the largest threshold glibc accepts
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
+
 def rng_states():
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
@@ -856,6 +871,8 @@ def train(args):
         raise UserError(f"--ema is a decay in [0, 1], got {args.ema}")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    if device.type == "cpu":
+        reuse_freed_memory()
     if args.dataset not in DATASETS:
         raise UserError(f"unknown --dataset {args.dataset!r}; choose one of {', '.join(DATASETS)}")
     _, mean, std, default_net, default_wd, flip = DATASETS[args.dataset]

@@ -41,6 +41,7 @@ def main():
     spec = importlib.util.spec_from_file_location("meta_t", ROOT / "algorithms" / "meta_t.py")
     meta_t = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(meta_t)
+    meta_t.reuse_freed_memory()  # as the training script does on the CPU
     args = meta_t.parse_args(["--batch-size", str(a.batch_size), "--uratio", str(a.uratio), "--meta-grad", "jvp"])
 
     torch.manual_seed(0)

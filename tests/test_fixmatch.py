@@ -1,5 +1,6 @@
 """Behaviour of algorithms/fixmatch.py, the template of every algorithm file (CPU, seconds)."""
 
+import ctypes
 import json
 import math
 import os
@@ -406,3 +407,46 @@ def test_training_with_the_fallback_matches_the_extension(fixmatch, tmp_path, mo
     for k in wa:
         assert torch.allclose(wa[k].float(), wb[k].float(), atol=1e-5), k
     assert a["top1"] == b["top1"]
+
+
+
+MALLOC_STATE_AROUND_ACTIVATIONS = """
+import ctypes, importlib.util, sys, torch
+class MallInfo2(ctypes.Structure):  # glibc's struct mallinfo2
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+spec = importlib.util.spec_from_file_location("fixmatch", sys.argv[1])
+fixmatch = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(fixmatch)
+if sys.argv[2] == "reuse":
+    assert fixmatch.reuse_freed_memory()
+before = libc.mallinfo2()
+buffers = [torch.ones(1 << 21) for _ in range(16)]  # 16 activations of 8 MiB
+during = libc.mallinfo2()
+del buffers
+after = libc.mallinfo2()
+print(during.hblkhd - before.hblkhd, during.arena - after.arena)
+"""
+
+
+def glibc_has_mallinfo2():
+    try:
+        return hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2")  # glibc >= 2.33
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not glibc_has_mallinfo2(), reason="glibc's malloc only (>= 2.33, for mallinfo2)")
+@pytest.mark.parametrize("mode", ["reuse", "default"])
+def test_freed_activations_stay_with_the_process(mode):
+    """After reuse_freed_memory (which train() calls on the CPU), buffers of 8 MiB come from malloc's heap and stay
+    there when freed, ready for the next step, instead of being mapped for each and handed back when freed."""
+    out = subprocess.run([sys.executable, "-c", MALLOC_STATE_AROUND_ACTIVATIONS, str(ROOT / "algorithms" / "fixmatch.py"),
+                          mode], capture_output=True, text=True, check=True).stdout
+    mapped, released = (int(x) for x in out.split()[-2:])
+    if mode == "reuse":
+        assert mapped == 0 and released == 0
+    else:  # what glibc does by default, which the function exists to change
+        assert mapped >= 16 * 8 << 20 or released >= 8 << 20
