@@ -851,9 +851,11 @@ struct FDPseudoLabel {
     }
   }
 
-  // e[j] = exp(x[j] - max x); returns the sum of e. NaN propagates through the sum.
+  // e[j] = exp(x[j] - max x); returns the sum of e. NaN propagates through the sum. The maximum
+  // starts at -inf, so that a row of -inf gives NaN (-inf - -inf), as torch.softmax does, rather
+  // than the uniform row that exp_approx's floor of ~1e-38 would give.
   SSL_INLINE acc_t exp_row(const scalar_t* x, acc_t* e) const {
-    acc_t m = std::numeric_limits<acc_t>::lowest();
+    acc_t m = -std::numeric_limits<acc_t>::infinity();
     SSL_SIMD_MAX(m)
     for (int64_t j = 0; j < C; ++j) {
       const acc_t xj = load(x, j);
@@ -1021,6 +1023,64 @@ bool run_avx2(const ClassConfidenceChunks<float>& k, int64_t K, int64_t) {
   at::parallel_for(0, K, 1, [&](int64_t b, int64_t e) { cc_chunks_f32_avx2(k, b, e); });
   return true;
 }
+
+// fd_pseudo_label in float32 for few classes: 8 rows per step, one per lane (as masked_ce's block
+// path), where the generic code runs its six loops per row over C values each. The same operations
+// per row: softmaxes from exp(x - max) (NaN ignored by the max), the step, relu keeping NaN, and
+// the division by a positive row sum.
+SSL_AVX2_FN void fd_f32_avx2_block(const FDPseudoLabel<float>& k, int64_t b, int64_t e) {
+  const int64_t C = k.C;
+  const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());  // as exp_row
+  const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
+  const __m256 eps = _mm256_set1_ps(k.eps), step = _mm256_set1_ps(k.step);
+  for (int64_t i0 = b; i0 < e; i0 += 8) {
+    const int n = static_cast<int>(std::min<int64_t>(8, e - i0));
+    const float *ar[8], *br[8], *yr[8];
+    float* outr[8];
+    for (int u = 0; u < 8; ++u) {
+      const int64_t i = i0 + (u < n ? u : 0);  // lanes past the end repeat the block's first row
+      ar[u] = k.a + i * k.as;
+      br[u] = k.b + i * k.bs;
+      yr[u] = k.y + i * k.ys;
+      outr[u] = k.out + i * C;
+    }
+    __m256 A[kAvx2BlockClasses], B[kAvx2BlockClasses], Y[kAvx2BlockClasses];
+    for (int64_t c0 = 0; c0 < C; c0 += 8) {
+      const int64_t rem = std::min<int64_t>(8, C - c0);
+      load_transposed(ar, c0, rem, A + c0);
+      load_transposed(br, c0, rem, B + c0);
+      load_transposed(yr, c0, rem, Y + c0);
+    }
+    __m256 ma = ninf, mb = ninf;
+    for (int64_t j = 0; j < C; ++j) {
+      ma = _mm256_max_ps(A[j], ma);  // max_ps returns the second operand on NaN
+      mb = _mm256_max_ps(B[j], mb);
+    }
+    __m256 sa = zero, sb = zero;
+    for (int64_t j = 0; j < C; ++j) {
+      A[j] = exp8(_mm256_sub_ps(A[j], ma));
+      B[j] = exp8(_mm256_sub_ps(B[j], mb));
+      sa = _mm256_add_ps(sa, A[j]);
+      sb = _mm256_add_ps(sb, B[j]);
+    }
+    const __m256 ia = _mm256_div_ps(one, sa), ib = _mm256_div_ps(one, sb);
+    __m256 total = zero;
+    for (int64_t j = 0; j < C; ++j) {
+      const __m256 grad = _mm256_div_ps(_mm256_sub_ps(_mm256_mul_ps(A[j], ia), _mm256_mul_ps(B[j], ib)), eps);
+      const __m256 u = _mm256_sub_ps(Y[j], _mm256_mul_ps(step, grad));
+      Y[j] = _mm256_blendv_ps(u, zero, _mm256_cmp_ps(u, zero, _CMP_LT_OQ));  // relu, NaN kept
+      total = _mm256_add_ps(total, Y[j]);
+    }
+    const __m256 scale = _mm256_blendv_ps(one, total, _mm256_cmp_ps(total, zero, _CMP_GT_OQ));
+    for (int64_t j = 0; j < C; ++j) Y[j] = _mm256_div_ps(Y[j], scale);
+    for (int64_t c0 = 0; c0 < C; c0 += 8) store_transposed(Y + c0, outr, n, c0, std::min<int64_t>(8, C - c0));
+  }
+}
+bool run_avx2(const FDPseudoLabel<float>& k, int64_t N, int64_t C) {
+  if (C > kAvx2BlockClasses || !cpu_has_avx2_fma()) return false;
+  at::parallel_for(0, N, row_grain(3 * C), [&](int64_t b, int64_t e) { fd_f32_avx2_block(k, b, e); });
+  return true;
+}
 #endif
 
 template <typename scalar_t>
@@ -1096,6 +1156,7 @@ void fd_pseudo_label_cpu(const at::Tensor& logits_plus, const at::Tensor& logits
                                     y_tilde.const_data_ptr<scalar_t>(),      y_tilde.stride(0),
                                     static_cast<acc_t>(eps),                 static_cast<acc_t>(step),
                                     C,                                       y_hat.data_ptr<scalar_t>()};
+    if (run_avx2(k, N, C)) return;
     at::parallel_for(0, N, row_grain(3 * C), [&](int64_t b, int64_t e) { run(k, b, e); });
   });
 }

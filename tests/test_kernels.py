@@ -405,7 +405,7 @@ def test_class_confidence_does_not_depend_on_thread_count():
 @HYPOTHESIS
 @given(
     n=st.integers(0, 40),
-    c=st.sampled_from([1, 2, 3, 10, 33, 100, 130]),
+    c=st.sampled_from([1, 2, 3, 8, 9, 10, 16, 17, 33, 100, 130]),
     dtype=st.sampled_from(DTYPES),
     kinds=st.tuples(*[st.sampled_from(LAYOUTS)] * 3),
     logit_scale=st.sampled_from([1.0, 30.0, 1e4]),
@@ -424,6 +424,35 @@ def test_fd_pseudo_label_matches_reference(device, n, c, dtype, kinds, logit_sca
     assert y_hat.shape == (n, c) and y_hat.dtype == dtype
     # The update amplifies softmax rounding by step / eps before renormalising.
     assert_close(y_hat, expected, dtype, scale=max(1.0, 0.05 * step / eps))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("c", [1, 3, 8, 10, 16, 17, 100])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fd_pseudo_label_special_values_match_reference(device, c, dtype):
+    """NaN and +-inf in either logits, NaN in y_tilde, rows of -inf logits only, and rows that stay all
+    zero, at class counts of each CPU path (rows in lanes up to 16 classes, along vectors beyond)."""
+    gen = torch.Generator().manual_seed(c)
+    n = 48
+    plus = torch.randn(n, c, generator=gen) * 3
+    minus = plus + torch.randn(n, c, generator=gen) * 0.01
+    y_tilde = random_probs(n, c, gen)
+    cols = torch.randint(0, c, (n,), generator=gen)
+    special = [float("nan"), float("inf"), -float("inf")]
+    for i in range(0, n, 4):
+        plus[i, cols[i]] = special[(i // 4) % 3]
+    for i in range(1, n, 4):
+        minus[i, cols[i]] = special[(i // 4) % 3]
+    for i in range(2, n, 8):
+        y_tilde[i, cols[i]] = float("nan")
+    for i in range(3, n, 8):
+        plus[i] = -float("inf")
+    for i in range(6, n, 8):  # no gradient and no mass: the row stays zero
+        minus[i], y_tilde[i] = plus[i], 0.0
+    plus, minus, y_tilde = (t.to(dtype).to(device) for t in (plus, minus, y_tilde))
+    y_hat = sslkernels.fd_pseudo_label(plus, minus, y_tilde, 0.01, 0.5)
+    expected = reference.fd_pseudo_label(plus, minus, y_tilde, 0.01, 0.5)
+    torch.testing.assert_close(y_hat, expected, rtol=1e-4, atol=1e-5, equal_nan=True)
 
 
 @pytest.mark.parametrize("device", DEVICES)
