@@ -184,8 +184,11 @@ struct MaskedCEFwd {
 
   // (max - z_y) + log(sum) rather than logsumexp - z_y: no cancellation when the target is the
   // maximum of logits as large as 1e4.
+  // A row of -inf logits only is the one whose sum is below 1 (any other row has exp(max - max)
+  // = 1 in it, or is NaN); its log_sum is NaN, so that its CE is NaN as log_softmax's is, not
+  // the inf that the maximum's floor (lowest) and exp_approx's floor (~1e-38) would give.
   void finish_row(int64_t i, int64_t y, acc_t conf, acc_t mx, acc_t sum, acc_t z_y) const {
-    const acc_t log_sum = std::log(sum);
+    const acc_t log_sum = sum < acc_t(1) ? std::numeric_limits<acc_t>::quiet_NaN() : std::log(sum);
     const acc_t ce = (mx - z_y) + log_sum;
     const acc_t t = tau ? tau[i * taus] : tau_value;
     const acc_t m = surrogate_mask(conf, t, beta, hard);
@@ -511,7 +514,9 @@ constexpr int64_t kAvx2BlockClasses = 16;
 // the logits row, its sum of exp(z - mx), z_y and tau.
 SSL_AVX2_INLINE void finish8(const MaskedCEFwd<float>& k, int64_t i0, int n, __m256 conf, __m256i arg,
                              __m256 mx, __m256 sum, __m256 zy, __m256 tau) {
-  const __m256 log_sum = log8(sum);
+  // A sum below 1: a row of -inf logits only, whose CE is NaN (see MaskedCEFwd::finish_row).
+  const __m256 log_sum = _mm256_blendv_ps(log8(sum), _mm256_set1_ps(std::numeric_limits<float>::quiet_NaN()),
+                                          _mm256_cmp_ps(sum, _mm256_set1_ps(1.0f), _CMP_LT_OQ));
   const __m256 ce = _mm256_add_ps(_mm256_sub_ps(mx, zy), log_sum);
   const __m256 m = mask8(conf, tau, _mm256_set1_ps(k.beta), k.hard);
   const __m256 loss = _mm256_mul_ps(m, ce);

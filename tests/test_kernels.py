@@ -225,8 +225,8 @@ def test_masked_ce_meta_gradient_matches_reference(device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("beta", [math.inf, 100.0])
 def test_masked_ce_special_values_match_reference(device, c, dtype, beta):
-    """Ties at scattered columns, NaN in probs_w, and NaN / inf logits in rows whose mask is 0 or 1,
-    at class counts of each CPU path (rows in lanes, rows along vectors, with and without a tail)."""
+    """Ties at scattered columns, NaN in probs_w, NaN / inf logits and rows of -inf logits only, in rows
+    whose mask is 0 or 1, at class counts of each CPU path (rows in lanes, rows along vectors, with and without a tail)."""
     gen = torch.Generator().manual_seed(c)
     n = 40
     probs = random_probs(n, c, gen, sharpness=6.0)
@@ -239,6 +239,8 @@ def test_masked_ce_special_values_match_reference(device, c, dtype, beta):
     special = [float("nan"), float("inf"), -float("inf")]
     for i in range(2, n, 3):
         logits[i, cols[i, 1]] = special[(i // 3) % 3]
+    for i in range(5, n, 12):  # log_softmax of a row of -inf is NaN
+        logits[i] = -float("inf")
     tau = torch.where(torch.arange(n) % 2 == 0, torch.tensor(0.05), torch.tensor(1.5))  # mask ~1 / ~0
     logits, probs, tau = logits.to(dtype).to(device), probs.to(dtype).to(device), tau.to(device)
     loss, mask, pseudo = sslkernels.masked_ce(logits, probs, tau, beta)
