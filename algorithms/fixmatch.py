@@ -620,9 +620,10 @@ def load_checkpoint(where):
 
 def reuse_freed_memory():
     """Let glibc's malloc keep freed blocks of up to 32 MiB for reuse (CPU training). PyTorch's CPU allocator
-    caches nothing, and glibc returns blocks of a few MiB and more to the system when freed, so each new activation of
-    that size is faulted in again page by page. Measured on cnn_small with 960 rows, one thread: a forward and backward
-    75 -> 68 ms, Meta-T's forward-mode pass 88 -> 66 ms. Returns False where there is no glibc (nothing changes)."""
+    caches nothing, and by default glibc maps large blocks afresh (from 128 KiB, a threshold it raises as such blocks
+    are freed) and hands them back to the system when freed, so each new activation of that size is faulted in again
+    page by page. Measured on cnn_small with 960 rows, one thread: a forward and backward 75 -> 68 ms, Meta-T's
+    forward-mode pass 88 -> 66 ms. Returns False where there is no glibc (nothing changes)."""
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     except (OSError, AttributeError):

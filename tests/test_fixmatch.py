@@ -409,7 +409,6 @@ def test_training_with_the_fallback_matches_the_extension(fixmatch, tmp_path, mo
     assert a["top1"] == b["top1"]
 
 
-
 MALLOC_STATE_AROUND_ACTIVATIONS = """
 import ctypes, importlib.util, sys, torch
 class MallInfo2(ctypes.Structure):  # glibc's struct mallinfo2
@@ -449,4 +448,4 @@ def test_freed_activations_stay_with_the_process(mode):
     if mode == "reuse":
         assert mapped == 0 and released == 0
     else:  # what glibc does by default, which the function exists to change
-        assert mapped >= 16 * 8 << 20 or released >= 8 << 20
+        assert mapped >= 128 << 20 or released >= 8 << 20
