@@ -225,8 +225,9 @@ def test_masked_ce_meta_gradient_matches_reference(device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("beta", [math.inf, 100.0])
 def test_masked_ce_special_values_match_reference(device, c, dtype, beta):
-    """Ties at scattered columns, NaN in probs_w, NaN / inf logits and rows of -inf logits only, in rows
-    whose mask is 0 or 1, at class counts of each CPU path (rows in lanes, rows along vectors, with and without a tail)."""
+    """Ties at scattered columns, NaN in probs_w, NaN / inf logits and rows of -inf logits only, in
+    rows whose mask is 0 or 1, at class counts of each CPU path (rows in lanes, rows along vectors,
+    with and without a tail)."""
     gen = torch.Generator().manual_seed(c)
     n = 40
     probs = random_probs(n, c, gen, sharpness=6.0)
