@@ -119,8 +119,10 @@ template <typename scalar_t>
 SSL_INLINE void row_softmax_stats(const scalar_t* x, int64_t C, at::opmath_type<scalar_t>& max_out,
                                   at::opmath_type<scalar_t>& sum_out, at::opmath_type<scalar_t>* e_out) {
   using acc_t = at::opmath_type<scalar_t>;
-  // The lowest finite value rather than -inf keeps x - m finite for -inf entries.
-  acc_t m = std::numeric_limits<acc_t>::lowest();
+  // From -inf: a row of -inf logits only then gives -inf - -inf = NaN, as log_softmax does (from
+  // the lowest finite value, exp_approx's floor of ~1e-38 would give it a finite sum). Every other
+  // row has a finite or +inf maximum. The same start in every CPU path of masked_ce.
+  acc_t m = -std::numeric_limits<acc_t>::infinity();
   SSL_SIMD_MAX(m)
   for (int64_t j = 0; j < C; ++j) {
     const acc_t v = load(x, j);
@@ -184,11 +186,8 @@ struct MaskedCEFwd {
 
   // (max - z_y) + log(sum) rather than logsumexp - z_y: no cancellation when the target is the
   // maximum of logits as large as 1e4.
-  // A row of -inf logits only is the one whose sum is below 1 (any other row has exp(max - max)
-  // = 1 in it, or is NaN); its log_sum is NaN, so that its CE is NaN as log_softmax's is, not
-  // the inf that the maximum's floor (lowest) and exp_approx's floor (~1e-38) would give.
   void finish_row(int64_t i, int64_t y, acc_t conf, acc_t mx, acc_t sum, acc_t z_y) const {
-    const acc_t log_sum = sum < acc_t(1) ? std::numeric_limits<acc_t>::quiet_NaN() : std::log(sum);
+    const acc_t log_sum = std::log(sum);
     const acc_t ce = (mx - z_y) + log_sum;
     const acc_t t = tau ? tau[i * taus] : tau_value;
     const acc_t m = surrogate_mask(conf, t, beta, hard);
@@ -221,7 +220,7 @@ struct MaskedCEFwd {
     for (int u = 0; u < kBlockRows; ++u) {
       best[u] = bp[0][u];
       arg[u] = 0;
-      mx[u] = std::numeric_limits<acc_t>::lowest();
+      mx[u] = -std::numeric_limits<acc_t>::infinity();  // as row_softmax_stats
       sum[u] = 0;
     }
     for (int64_t j = 1; j < C; ++j) {
@@ -514,9 +513,7 @@ constexpr int64_t kAvx2BlockClasses = 16;
 // the logits row, its sum of exp(z - mx), z_y and tau.
 SSL_AVX2_INLINE void finish8(const MaskedCEFwd<float>& k, int64_t i0, int n, __m256 conf, __m256i arg,
                              __m256 mx, __m256 sum, __m256 zy, __m256 tau) {
-  // A sum below 1: a row of -inf logits only, whose CE is NaN (see MaskedCEFwd::finish_row).
-  const __m256 log_sum = _mm256_blendv_ps(log8(sum), _mm256_set1_ps(std::numeric_limits<float>::quiet_NaN()),
-                                          _mm256_cmp_ps(sum, _mm256_set1_ps(1.0f), _CMP_LT_OQ));
+  const __m256 log_sum = log8(sum);
   const __m256 ce = _mm256_add_ps(_mm256_sub_ps(mx, zy), log_sum);
   const __m256 m = mask8(conf, tau, _mm256_set1_ps(k.beta), k.hard);
   const __m256 loss = _mm256_mul_ps(m, ce);
@@ -552,7 +549,7 @@ SSL_AVX2_INLINE void finish8(const MaskedCEFwd<float>& k, int64_t i0, int n, __m
 // Few classes: 8 rows per step, one per lane.
 SSL_AVX2_FN void fwd_f32_avx2_block(const MaskedCEFwd<float>& k, int64_t b, int64_t e) {
   const int64_t C = k.C;
-  const __m256 lowest = _mm256_set1_ps(std::numeric_limits<float>::lowest());
+  const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());  // as row_softmax_stats
   for (int64_t i0 = b; i0 < e; i0 += 8) {
     const int n = static_cast<int>(std::min<int64_t>(8, e - i0));
     const float* zr[8];
@@ -574,7 +571,7 @@ SSL_AVX2_FN void fwd_f32_avx2_block(const MaskedCEFwd<float>& k, int64_t b, int6
     // torch.argmax order: a larger value wins, the first NaN wins, ties keep the first index.
     __m256 best = P[0];
     __m256i arg = _mm256_setzero_si256();
-    __m256 mx = _mm256_max_ps(Z[0], lowest);  // NaN entries never become the maximum
+    __m256 mx = _mm256_max_ps(Z[0], ninf);  // NaN entries never become the maximum
     for (int64_t j = 1; j < C; ++j) {
       const __m256 v = P[j];
       const __m256 take = _mm256_or_ps(_mm256_cmp_ps(v, best, _CMP_GT_OQ),
@@ -613,8 +610,7 @@ SSL_AVX2_FN void fwd_f32_avx2_rows(const MaskedCEFwd<float>& k, int64_t b, int64
   const int64_t Cv = C & ~int64_t(7);
   const int64_t rem = C - Cv;
   const __m256i tm = tail_mask(rem);
-  const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-  const __m256 lowest = _mm256_set1_ps(std::numeric_limits<float>::lowest());
+  const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());  // also the logits' max's start
   const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256i eight = _mm256_set1_epi32(8);
   for (int64_t i0 = b; i0 < e; i0 += 8) {
@@ -626,7 +622,8 @@ SSL_AVX2_FN void fwd_f32_avx2_rows(const MaskedCEFwd<float>& k, int64_t b, int64
       const float* pr = k.p + i * k.ps;
       const float* zr = k.z + i * k.zs;
       ta[u] = k.tau ? k.tau[i * k.taus] : k.tau_value;
-      // One pass over both rows. The argmax of the probabilities: per lane the largest value
+      // One pass over both rows (argmax_row8's loop, fused with the logits' maximum so that each
+      // row is read once here). The argmax of the probabilities: per lane the largest value
       // and the first column holding it, two accumulators (even and odd vectors); then the first
       // column among the lanes that hold the row maximum. A NaN anywhere: the first NaN's column.
       // The maximum of the logits (NaN ignored, as the generic code).
@@ -634,7 +631,7 @@ SSL_AVX2_FN void fwd_f32_avx2_rows(const MaskedCEFwd<float>& k, int64_t b, int64
       __m256i a0 = iota, a1 = _mm256_add_epi32(iota, eight);
       __m256 nan = _mm256_or_ps(_mm256_cmp_ps(b0, b0, _CMP_UNORD_Q), _mm256_cmp_ps(b1, b1, _CMP_UNORD_Q));
       __m256i col = _mm256_add_epi32(a1, eight);
-      __m256 zm0 = _mm256_max_ps(_mm256_loadu_ps(zr), lowest), zm1 = _mm256_max_ps(_mm256_loadu_ps(zr + 8), lowest);
+      __m256 zm0 = _mm256_max_ps(_mm256_loadu_ps(zr), ninf), zm1 = _mm256_max_ps(_mm256_loadu_ps(zr + 8), ninf);
       int64_t j = 16;
       for (; j + 16 <= Cv; j += 16) {
         zm0 = _mm256_max_ps(_mm256_loadu_ps(zr + j), zm0);
@@ -652,7 +649,7 @@ SSL_AVX2_FN void fwd_f32_avx2_rows(const MaskedCEFwd<float>& k, int64_t b, int64
       for (; j < C; j += 8) {  // one more full vector and / or the tail, which reads -inf past C
         const bool full = j < Cv;
         zm0 = _mm256_max_ps(full ? _mm256_loadu_ps(zr + j)
-                                 : _mm256_blendv_ps(lowest, _mm256_maskload_ps(zr + j, tm), _mm256_castsi256_ps(tm)),
+                                 : _mm256_blendv_ps(ninf, _mm256_maskload_ps(zr + j, tm), _mm256_castsi256_ps(tm)),
                             zm0);
         const __m256 v = full ? _mm256_loadu_ps(pr + j)
                               : _mm256_blendv_ps(ninf, _mm256_maskload_ps(pr + j, tm), _mm256_castsi256_ps(tm));

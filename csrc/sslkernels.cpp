@@ -135,8 +135,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> masked_ce_impl(const Tensor& 
   Tensor mask = at::empty({N}, opts);
   Tensor pseudo = at::empty({N}, opts.dtype(at::kLong));
   Tensor aux = at::empty({N, 3}, opts.dtype(acc));
-  // Saved on CPU only, where the backward's exp is its main cost. On a GPU the backward is bound
-  // by memory, and reading the logits again is cheaper than writing and reading exp_z.
+  // Saved on CPU only, where the backward's exp was its main cost. On a GPU the backward is
+  // expected to be bound by memory, where writing and reading exp_z would cost more than reading
+  // the logits again (not measured: no GPU has run these kernels yet).
   const bool saved = save_exp && !logits_s.is_cuda();
   Tensor exp_z = at::empty({saved ? N : 0, logits_s.size(1)}, opts.dtype(acc));
   const Tensor z = unit_inner_stride(logits_s), p = unit_inner_stride(probs_w);
