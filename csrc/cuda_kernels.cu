@@ -192,6 +192,7 @@ __global__ void __launch_bounds__(kBlock) masked_ce_bwd_kernel(
     const acc_t gl = g ? static_cast<acc_t>(g[i * gs]) : acc_t(0);
     const acc_t scale = gl * m;
     const int64_t y = pseudo[i];
+    CUDA_KERNEL_ASSERT(y >= 0 && y < C);  // a direct call's label outside the row (checked on CPU)
     const scalar_t* zi = z + i * zs;
     scalar_t* out = grad_z + i * C;
     if (scale == acc_t(0)) {
@@ -505,13 +506,23 @@ void class_confidence_cuda(const at::Tensor& probs, at::Tensor& mean, at::Tensor
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device));
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kBlock, 0));
     const int64_t resident = static_cast<int64_t>(per_sm) * num_sms(device);
+    bool launched = false;
     if (coop && resident > 0) {
       const int grid = static_cast<int>(std::min(want, resident));
       int phase_begin = 0, phase_end = 4;
       void* params[] = {&args, &phase_begin, &phase_end};
-      C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<void*>(kernel), dim3(grid), dim3(kBlock),
-                                                 params, 0, stream));
-    } else {
+      const cudaError_t err = cudaLaunchCooperativeKernel(reinterpret_cast<void*>(kernel), dim3(grid),
+                                                          dim3(kBlock), params, 0, stream);
+      // Fewer blocks may fit than the occupancy query says (e.g. under MPS with a thread limit):
+      // then the phases run as separate launches below, with the same result.
+      if (err == cudaErrorCooperativeLaunchTooLarge) {
+        (void)cudaGetLastError();  // clear it
+      } else {
+        C10_CUDA_CHECK(err);
+        launched = true;
+      }
+    }
+    if (!launched) {
       const int grid = static_cast<int>(std::min<int64_t>(want, int64_t(num_sms(device)) * 32));
       for (int phase = 0; phase < 4; ++phase) {
         kernel<<<grid, kBlock, 0, stream>>>(args, phase, phase + 1);

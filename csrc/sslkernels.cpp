@@ -81,6 +81,11 @@ void check_like(const Tensor& other, const Tensor& ref, const char* op, const ch
               other.device());
 }
 
+void check_device(const Tensor& t, const Tensor& logits_s, const char* op, const char* name) {
+  TORCH_CHECK(t.device() == logits_s.device(), "sslkernels.", op, ": ", name,
+              " must be on the device of logits_s (", logits_s.device(), "), got ", t.device());
+}
+
 // Kernels index rows with an arbitrary stride but need unit stride along the classes.
 Tensor unit_inner_stride(const Tensor& t) {
   return (t.size(1) <= 1 || t.stride(1) == 1) ? t : t.contiguous();
@@ -168,11 +173,16 @@ std::tuple<Tensor, Tensor> masked_ce_backward_impl(
   TORCH_CHECK_VALUE(aux.dim() == 2 && aux.size(0) == N && aux.size(1) == 3 &&
                         aux.scalar_type() == acc,
                     "sslkernels.masked_ce_backward: aux must be the (N, 3) output of masked_ce");
+  // Autograd always passes tensors of one device, but a direct call need not: without these
+  // checks a kernel would read another device's memory.
+  check_device(pseudo_label, logits_s, "masked_ce_backward", "pseudo_label");
+  check_device(aux, logits_s, "masked_ce_backward", "aux");
   auto grad_of = [&](const std::optional<Tensor>& g, const char* name) -> Tensor {
     if (!g.has_value() || !g->defined()) return Tensor();
     TORCH_CHECK_VALUE(g->dim() == 1 && g->size(0) == N && g->scalar_type() == logits_s.scalar_type(),
                       "sslkernels.masked_ce_backward: ", name,
                       " must have shape (N,) and the dtype of logits_s");
+    check_device(*g, logits_s, "masked_ce_backward", name);
     return *g;
   };
   const Tensor gl = grad_of(grad_loss, "grad_loss"), gm = grad_of(grad_mask, "grad_mask");
@@ -190,6 +200,15 @@ std::tuple<Tensor, Tensor> masked_ce_backward_impl(
   }
   const Tensor z = unit_inner_stride(logits_s);
   const Tensor p = pseudo_label.contiguous(), a = aux.contiguous();
+  if (!logits_s.is_cuda()) {
+    // A label outside [0, C) would index outside its row. Here that costs one pass over N
+    // integers; on CUDA the kernel asserts instead, since a check here would wait for the GPU.
+    const int64_t C = logits_s.size(1);
+    const int64_t* y = p.const_data_ptr<int64_t>();
+    for (int64_t i = 0; i < N; ++i)
+      TORCH_CHECK_VALUE(y[i] >= 0 && y[i] < C, "sslkernels.masked_ce_backward: pseudo_label[", i,
+                        "] = ", y[i], " is not a class index in [0, C = ", C, ")");
+  }
   if (logits_s.is_cuda()) {
 #ifdef SSLKERNELS_WITH_CUDA
     masked_ce_backward_cuda(gl, gm, z, p, a, t, tau_value, beta, grad_logits, grad_tau);

@@ -170,6 +170,11 @@ def _masked_ce_fake(logits_s, probs_w, tau, tau_value, beta, save_exp=False):
 @torch.library.register_fake("sslkernels::masked_ce_backward")
 def _masked_ce_backward_fake(grad_loss, grad_mask, logits_s, pseudo_label, aux, tau, tau_value, beta, exp_z=None):
     _check_matrix(logits_s, "masked_ce_backward", "logits_s")
+    for name, t in (("pseudo_label", pseudo_label), ("aux", aux), ("grad_loss", grad_loss), ("grad_mask", grad_mask)):
+        torch._check(
+            t is None or t.device == logits_s.device,
+            lambda: f"sslkernels.masked_ce_backward: {name} must be on the device of logits_s ({logits_s.device}), got {t.device}",
+        )
     return logits_s.new_empty(logits_s.shape), logits_s.new_empty(logits_s.shape[0], dtype=_acc_dtype(logits_s.dtype))
 
 

@@ -597,14 +597,46 @@ def test_device_mismatch_raises_clear_errors():
         sslkernels.masked_ce(z, p.cuda(), torch.rand(4), 10.0)
     with pytest.raises(RuntimeError, match="logits_plus must be on the device of y_tilde"):
         sslkernels.fd_pseudo_label(z.cpu(), z, p.cuda(), 0.01, 0.1)
+    # the backward op called directly: a kernel would otherwise read another device's memory
+    _, _, pseudo, aux, _ = torch.ops.sslkernels.masked_ce.default(z, p.cuda(), None, 0.5, 10.0)
+    backward = torch.ops.sslkernels.masked_ce_backward.default
+    ones = torch.ones(4, device="cuda")
+    for name, args in (("aux", (ones, None, z, pseudo, aux.cpu())), ("pseudo_label", (ones, None, z, pseudo.cpu(), aux)),
+                       ("grad_loss", (ones.cpu(), None, z, pseudo, aux))):
+        with pytest.raises(RuntimeError, match=f"{name} must be on the device of logits_s"):
+            backward(*args, None, 0.5, 10.0)
 
 
 def test_device_mismatch_is_caught_while_tracing():
     # On a CPU-only machine the device check is exercised through the fake (meta) kernel.
     z = torch.randn(4, 3)
-    p = torch.softmax(torch.randn(4, 3), 1).to("meta")
+    p = torch.softmax(torch.randn(4, 3), 1)
     with pytest.raises(RuntimeError, match="probs_w must be on the device of logits_s"):
-        sslkernels.masked_ce(z, p, 0.5, 10.0)
+        sslkernels.masked_ce(z, p.to("meta"), 0.5, 10.0)
+    _, _, pseudo, aux, _ = torch.ops.sslkernels.masked_ce.default(z, p, None, 0.5, 10.0)
+    backward = torch.ops.sslkernels.masked_ce_backward.default
+    ones = torch.ones(4)
+    for name, args in (("aux", (ones, None, z, pseudo, aux.to("meta"))),
+                       ("pseudo_label", (ones, None, z, pseudo.to("meta"), aux)),
+                       ("grad_mask", (ones, ones.to("meta"), z, pseudo, aux))):
+        with pytest.raises(RuntimeError, match=f"{name} must be on the device of logits_s"):
+            backward(*args, None, 0.5, 10.0)
+
+
+def test_masked_ce_backward_rejects_labels_outside_the_row():
+    # A direct call of the backward op with labels that masked_ce cannot have produced: an error, not
+    # a read outside the row (on CUDA the kernel asserts instead, which this test cannot catch).
+    z = torch.randn(5, 3)
+    p = torch.softmax(torch.randn(5, 3), 1)
+    _, _, pseudo, aux, _ = torch.ops.sslkernels.masked_ce.default(z, p, None, 0.0, 10.0)
+    backward = torch.ops.sslkernels.masked_ce_backward.default
+    for bad in (3, -1, 2**40):
+        labels = pseudo.clone()
+        labels[2] = bad
+        with pytest.raises(ValueError, match=rf"pseudo_label\[2\] = {bad} is not a class index in \[0, C = 3\)"):
+            backward(torch.ones(5), None, z, labels, aux, None, 0.0, 10.0)
+    grad_logits, _ = backward(torch.ones(5), None, z, pseudo, aux, None, 0.0, 10.0)  # its own labels pass
+    assert grad_logits.shape == z.shape
 
 
 def test_import_without_compiled_extension_raises_import_error(tmp_path):
