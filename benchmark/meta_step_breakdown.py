@@ -5,7 +5,9 @@ on top of them (Eq. 17):
 * the virtual step's gradient g = grad_w L_u: a second backward through the step's concatenated forward;
 * the meta loss and its gradient v at w_hat: a forward and backward of the labeled batch alone;
 * v . grad_w CE_j for every strong view: one forward-mode pass through the concatenated batch (BatchNorm
-  couples the rows, so all of them), which recomputes the forward and carries a tangent alongside.
+  couples the rows, so all of them), which carries a tangent alongside the forward's values: those of the
+  convolutions and BatchNorms taken from the step's forward (recorded as train() does), the others
+  computed again.
 
 It times each part on its own and the real `meta_gradient` of algorithms/meta_t.py, interleaved round by
 round, and prints the medians and the lowest ratio to FixMatch that these parts allow.
@@ -64,8 +66,10 @@ def main():
 
     state = {}
 
-    def part_forward():
-        state["logits"], state["probs_w"], state["loss"] = forward()
+    def part_forward():  # recording the values that the forward-mode pass reuses, as train() does
+        state["recorded"] = meta_t.RecordForward()
+        with state["recorded"]:
+            state["logits"], state["probs_w"], state["loss"] = forward()
 
     def part_backward():  # FixMatch's backward (the graph is kept for the parts below)
         torch.autograd.grad(state["loss"], list(params.values()), retain_graph=True)
@@ -80,11 +84,12 @@ def main():
 
     def part_forward_mode():  # every strong view's derivative along v: one pass with dual numbers
         buffers = {k: b.clone() for k, b in model.named_buffers()}
-        meta_t.strong_view_directional_derivative(model, params, buffers, v, inputs, state["probs_w"].argmax(dim=1))
+        meta_t.strong_view_directional_derivative(model, params, buffers, v, inputs, state["probs_w"].argmax(dim=1),
+                                                  state["recorded"].values)
 
     def whole_meta_step():  # the real thing, on the graph of part_forward
         meta_t.meta_gradient(model, tgn, state["logits"][-n_u:], state["probs_w"], pbar, x_l, y_l, inputs,
-                             0.03, args)
+                             0.03, args, forward_values=state["recorded"].values)
 
     parts = {"forward (FixMatch)": part_forward, "backward (FixMatch)": part_backward,
              "+ backward for g": part_virtual_gradient, "+ labeled forward+backward": part_labeled,

@@ -119,13 +119,15 @@ def bilevel_problem(meta_t, batchnorm, dtype=torch.float32, dropout=False):
     tgn = meta_t.make_tgn(classes, 16).to(x.dtype)
     args = meta_t.parse_args(["--batch-size", str(b), "--uratio", str(mu)])
     forward_rng = meta_t.rng_state(x.device)  # as train() saves it before the step's forward
-    logits = model(x)
+    recorded = meta_t.RecordForward()  # as train() records the forward of a jvp meta step
+    with recorded:
+        logits = model(x)
     probs_w = logits[b:-b * mu].detach().softmax(1)
     bank = torch.softmax(3 * torch.randn(20, classes, dtype=x.dtype), 1)
     pbar = meta_t.class_confidence(bank)[0]
     y_l = torch.randint(0, classes, (b,))
     return model, tgn, args, dict(logits_us=logits[-b * mu:], probs_w=probs_w, pbar=pbar, x_l=x[:b], y_l=y_l,
-                                  inputs=x, alpha=0.3, forward_rng=forward_rng)
+                                  inputs=x, alpha=0.3, forward_rng=forward_rng, forward_values=recorded.values)
 
 
 def test_exact_tgn_gradient_matches_direct_autograd_and_first_order_agrees(meta_t):
@@ -158,10 +160,13 @@ def test_exact_tgn_gradient_matches_direct_autograd_and_first_order_agrees(meta_
         assert F.cosine_similarity(torch.cat([g.flatten() for g in first_order]), exact, dim=0) >= 0.99, where
 
 
-def test_forward_mode_gradient_equals_the_double_backward_through_batchnorm(meta_t):
+@pytest.mark.parametrize("reuse_forward", [True, False])
+def test_forward_mode_gradient_equals_the_double_backward_through_batchnorm(meta_t, reuse_forward):
     model, tgn, args, step = bilevel_problem(meta_t, batchnorm=True, dtype=torch.float64)
     exact, loss_exact = meta_t.meta_gradient(model, tgn, **step, args=args)
     args.meta_grad = "jvp"
+    if not reuse_forward:
+        step["forward_values"] = None
     forward_mode, loss_forward_mode = meta_t.meta_gradient(model, tgn, **step, args=args)
     exact, forward_mode = (torch.cat([g.flatten() for g in grads]) for grads in (exact, forward_mode))
     assert exact.abs().max() > 1e-6 and torch.allclose(forward_mode, exact, rtol=1e-7, atol=1e-12)
@@ -189,6 +194,41 @@ def test_meta_gradients_with_dropout(meta_t):
     assert first_order.norm() < 3 * exact.norm() and F.cosine_similarity(first_order, exact, dim=0) > 0.5
 
 
+@pytest.mark.parametrize("net", ["cnn_small", "wrn28_2", "convlarge"])
+def test_forward_mode_pass_reusing_the_forward_equals_the_whole_pass(meta_t, net):
+    """The values of the recorded forward with the tangents of conv2d_tangent and batch_norm_tangent give the
+    directional derivatives of forward AD through the whole network: plain layers, residual blocks with projection
+    shortcuts (wrn28_2), unpadded and 1x1 convolutions and replayed dropout (convlarge), channels_last."""
+    torch.manual_seed(0)
+    model = meta_t.NETS[net](3, 5).double().to(memory_format=torch.channels_last)
+    size = 8 if net == "cnn_small" else 32
+    x = torch.randn(12, 3, size, size, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    params = dict(model.named_parameters())
+    v = [torch.randn_like(p) for p in params.values()]
+    pseudo_label = torch.randint(0, 5, (4,))
+    forward_rng = meta_t.rng_state(x.device)
+    recorded = meta_t.RecordForward()
+    with recorded:
+        model(x)
+    layers = sum(isinstance(m, (torch.nn.Conv2d, torch.nn.BatchNorm2d)) for m in model.modules())
+    assert len(recorded.values) == layers
+
+    def directional_derivative(forward_values):
+        buffers = {k: b.clone() for k, b in model.named_buffers()}
+        with meta_t.replayed_rng(forward_rng, x.device):
+            return meta_t.strong_view_directional_derivative(model, params, buffers, v, x, pseudo_label, forward_values)
+
+    whole, reused = directional_derivative(None), directional_derivative(recorded.values)
+    assert whole.abs().max() > 1e-3 and torch.allclose(reused, whole, rtol=1e-9, atol=1e-10)
+    with pytest.raises(RuntimeError, match="does not follow the recorded forward"):
+        meta_t.strong_view_directional_derivative(model, params, dict(model.named_buffers()), v, x[:6],
+                                                  pseudo_label, recorded.values)
+    with pytest.raises(RuntimeError, match="skipped ops of the recorded forward"):
+        meta_t.strong_view_directional_derivative(model, params, dict(model.named_buffers()), v, x, pseudo_label,
+                                                  recorded.values + recorded.values[:1])
+    assert torch.equal(directional_derivative(None), whole)  # the errors left no mode behind
+
+
 def test_replayed_rng_repeats_the_dropout_masks_and_leaves_the_stream_alone(meta_t):
     cpu, ones = torch.device("cpu"), torch.ones(1000)
     state = meta_t.rng_state(cpu)
@@ -205,7 +245,8 @@ def test_compile_compiles_the_forward_mode_pass_and_keeps_the_gradient(meta_t, t
     args.meta_grad = "jvp"
     eager, _ = meta_t.meta_gradient(model, tgn, **step, args=args)
     compiled_pass = torch.compile(meta_t.strong_view_directional_derivative)
-    compiled, _ = meta_t.meta_gradient(model, tgn, **step, args=args, directional_derivative=compiled_pass)
+    compiled, _ = meta_t.meta_gradient(model, tgn, **{**step, "forward_values": None}, args=args,
+                                       directional_derivative=compiled_pass)  # as train() under --compile
     eager, compiled = (torch.cat([g.flatten() for g in grads]) for grads in (eager, compiled))
     assert eager.abs().max() > 1e-6 and torch.allclose(compiled, eager, rtol=1e-4, atol=1e-9)
     # --compile hands train()'s meta steps the compiled pass, and the meta step's second backward through the
