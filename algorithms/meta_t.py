@@ -617,7 +617,7 @@ def replayed_rng(state, device):
 # forward, and ReuseForward hands them back in the same order to the pass, which then computes only their tangents;
 # every other op runs in forward-mode AD as before. Measured on CPU (cnn_small, 960 rows, channels_last, 1 thread),
 # the pass went from 62 to 41 ms: 3 of its 9 convolutions were the forward again, one convolved the input's zero
-# tangent, and forward AD's BatchNorm rule takes about 15 passes over the activations where the one below takes 5.
+# tangent, and forward AD's BatchNorm rule makes about 15 elementwise passes over the activations, the one below 6.
 def reused_from_forward(func, args, kwargs):
     if func is F.conv2d:
         return True
