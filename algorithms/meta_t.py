@@ -679,7 +679,7 @@ def batch_norm_tangent(x, running_mean, running_var, weight=None, bias=None, tra
     """Training-mode BatchNorm y = g * xhat + b with xhat = (x - mean) / sqrt(var + eps) over all dims but the
     channels: dy = g * invstd * (dx - mean(dx) - xhat * mean(xhat * dx)) + dg * xhat + db."""
     xp, dx = fwAD.unpack_dual(x)
-    xhat, _, invstd = torch.native_batch_norm(xp, None, None, None, None, True, 0.0, eps)  # one pass; no statistics
+    xhat, _, invstd = torch.native_batch_norm(xp, None, None, None, None, True, 0.0, eps)  # no running stats
     dims, shape = [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)
     g, dg = fwAD.unpack_dual(weight) if weight is not None else (None, None)
     db = fwAD.unpack_dual(bias).tangent if bias is not None else None
@@ -915,7 +915,8 @@ def set_rng_states(s):
 # Flags that only say where and how fast a run goes. Every other flag defines what is trained: resuming with a
 # different value would silently train something else (or be silently overridden by the optimizer's saved state).
 RESUME_MAY_DIFFER = ("data_dir", "device", "workers", "threads", "eval_every", "log_every", "eval_batch_size", "output_dir",
-                     "resume", "stop_after", "channels_last", "bf16", "compile", "tensorboard", "plots")
+                     "resume", "stop_after", "channels_last", "bf16", "compile", "tensorboard", "plots",
+                     "jvp_reuse_forward")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -348,3 +348,6 @@ def test_bad_method_flags_get_one_clear_line(meta_t, tmp_path):
     assert msg.endswith("differ from the checkpoint's: --meta-grad fd (checkpoint: exact)")
     msg = error_of(meta_t, tiny(tmp_path, "--meta-lr", "0.01", "--resume", str(tmp_path / "r"), name="r"))
     assert msg.endswith("differ from the checkpoint's: --meta-lr 0.01 (checkpoint: 0.001)")
+    # whether the jvp pass reuses the forward changes its speed (and rounding), not what is trained
+    assert meta_t.train(meta_t.parse_args(tiny(tmp_path, "--no-jvp-reuse-forward", "--resume", str(tmp_path / "r"),
+                                               name="r")))["finished"]
