@@ -58,6 +58,9 @@ def main():
     a = p.parse_args()
 
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(a.threads)} if a.threads else {}))
+    # A script run by path puts its own folder first on sys.path, not the current directory: give it the
+    # repository's sslkernels (built in place or installed), or an in-place build would go unused.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     runs = {}  # (config, seed) -> (command, summary path)
     for name in a.configs:
         script, flags = CONFIGS[name]

@@ -21,6 +21,7 @@ Algorithm files that do not exist yet are skipped.
 import argparse
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -90,7 +91,9 @@ def main():
                 and not (a.compile and "exact" in v[2])]
     if a.compile:  # compiled in the first steps, which --warmup leaves out
         common.append("--compile")
-    best, rounds = {}, [{} for _ in range(a.repeat)]
+    best, rounds, fallback = {}, [{} for _ in range(a.repeat)], set()
+    # the repository's sslkernels first (built in place or installed), whatever the current directory
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     with tempfile.TemporaryDirectory() as tmp:
         for rnd in range(a.repeat):
             for label, script, flags, _ in variants:
@@ -98,10 +101,12 @@ def main():
                 cmd = [sys.executable, "-c", RUNNER, str(ROOT / "algorithms" / f"{script}.py"),
                        "real" if a.augment else "identity", str(a.threads), *common, *flags,
                        "--output-dir", str(out)]
-                proc = subprocess.run(cmd, capture_output=True, text=True)
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 if proc.returncode:
                     sys.exit(f"{label} failed:\n{proc.stderr[-2000:]}")
                 records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+                if not json.loads((out / "summary.json").read_text())["fused_kernels"]:
+                    fallback.add(label)
                 rates = [r["steps_per_second"] for r in records if r["kind"] == "train" and r["step"] > a.warmup]
                 seconds = statistics.median(1 / r for r in rates)
                 best[label] = min(seconds, best.get(label, math.inf))
@@ -116,6 +121,8 @@ def main():
         same_round = sorted(r[label] / r[VARIANTS[0][0]] for r in rounds) if base else []
         paired = f"{statistics.median(same_round):.2f} ({same_round[0]:.2f}-{same_round[-1]:.2f})" if same_round else "-"
         print(f"| {label} | {best[label]:.4f} | {ratio} | {paired} | {f'{paper:.2f}' if paper else '-'} |")
+    if fallback:
+        print(f"\nwithout the sslkernels extension (pure-PyTorch fallback): {', '.join(sorted(fallback))}")
 
 
 if __name__ == "__main__":
