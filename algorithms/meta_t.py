@@ -6,8 +6,9 @@ prediction p_m and the class-average confidence pbar[argmax p_m]; the TGN is met
 labeled batch through a virtual SGD step of the classifier (bi-level optimisation, the paper's
 Eqs. 8-10, restated as Eqs. 12-18 in its Appendix B). Green Meta-T runs the meta step every k-th
 step only. Options: the same exact meta-gradient computed in forward mode (--meta-grad jvp, one
-forward with dual numbers instead of the double backward: faster), and a first-order meta-gradient
-(two extra forwards, the paper's future work). Defaults follow the paper's Table 6.
+forward with dual numbers instead of the double backward, taking the convolutions' and BatchNorms'
+values from the step's own forward: faster), and a first-order meta-gradient (two extra forwards,
+the paper's future work). Defaults follow the paper's Table 6.
 
     python algorithms/meta_t.py --dataset cifar10 --labels 40
     python algorithms/meta_t.py --dataset cifar10 --labels 40 --meta-interval 2          # Green Meta-T
