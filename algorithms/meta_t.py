@@ -633,8 +633,9 @@ class RecordForward(torch.overrides.TorchFunctionMode):
         self.values = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if reused_from_forward(func, args, kwargs or {}):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if reused_from_forward(func, args, kwargs):
             self.values.append(out.detach())
         return out
 

@@ -98,8 +98,7 @@ Tensor prepare_tau(const std::optional<Tensor>& tau, const Tensor& logits, at::S
   TORCH_CHECK_TYPE(is_supported_float(t.scalar_type()),
                    "sslkernels.masked_ce: tau must be a float or a floating-point tensor, got ",
                    t.scalar_type());
-  TORCH_CHECK(t.device() == logits.device(), "sslkernels.masked_ce: tau must be on the device of ",
-              "logits_s (", logits.device(), "), got ", t.device());
+  check_device(t, logits, "masked_ce", "tau");
   TORCH_CHECK_VALUE(t.dim() == 0 || (t.dim() == 1 && t.size(0) == N),
                     "sslkernels.masked_ce: tau must be a float, a 0-dim tensor or a 1-D tensor of "
                     "length N = ", N, " (one threshold per sample), got shape ", t.sizes());
