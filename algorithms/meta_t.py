@@ -32,6 +32,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -742,7 +743,10 @@ def meta_gradient(model, tgn, logits_us, probs_w, pbar, x_l, y_l, inputs, alpha,
     loss_meta = F.cross_entropy(f(at, x_l), y_l)
     v = torch.autograd.grad(loss_meta, list(at.values()))
     if args.meta_grad == "jvp":
-        with autocast(), replayed_rng(forward_rng, inputs.device):
+        with autocast(), replayed_rng(forward_rng, inputs.device), warnings.catch_warnings():
+            # forward-mode AD loads its decompositions through torch.jit.script on first use, and recent torch warns
+            # that torch.jit.script is deprecated: torch's own call, which no user of this script can act on
+            warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
             directional = directional_derivative(model, params, buffers, v, inputs, pseudo_label, forward_values)
     else:
         eps = 0.01 / torch.nn.utils.get_total_norm(v).clamp_min(1e-12)

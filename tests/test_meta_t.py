@@ -2,13 +2,15 @@
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad
 
-from conftest import error_of, load_algorithm
+from conftest import ROOT, error_of, load_algorithm
 
 
 @pytest.fixture(scope="session")
@@ -55,6 +57,20 @@ def test_modes_run_and_log_the_diagnostics(meta_t, tmp_path, extra):
     if "--plots" in extra:
         for png in ("thresholds_hist.png", "thresholds_per_class.png", "pseudo_labels.png"):
             assert (out / png).stat().st_size > 1000
+
+
+def test_forward_mode_run_prints_no_torch_jit_deprecation_warning(tmp_path):
+    """Forward-mode AD loads its decompositions through torch.jit.script, which recent torch reports as deprecated;
+    a --meta-grad jvp run keeps that out of the user's console. Fresh processes: the load happens once per process."""
+    jit_warning = "`torch.jit.script` is deprecated"
+    probe = subprocess.run([sys.executable, "-c", "import torch.autograd.forward_ad as f; f._maybe_load_decompositions()"],
+                           capture_output=True, text=True, timeout=120)
+    if jit_warning not in probe.stderr:
+        pytest.skip("this torch does not warn when forward-mode AD loads its decompositions")
+    run = subprocess.run([sys.executable, str(ROOT / "algorithms" / "meta_t.py"), *tiny(tmp_path, "--meta-grad", "jvp")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert jit_warning not in run.stderr
 
 
 def test_pbar_averages_only_the_samples_seen_so_far(meta_t, tmp_path, monkeypatch):
