@@ -706,6 +706,15 @@ def strong_view_directional_derivative(model, params, buffers, v, inputs, pseudo
         return fwAD.unpack_dual(F.cross_entropy(logits, pseudo_label, reduction="none")).tangent
 
 
+def load_forward_mode_ad_quietly():
+    """Forward-mode AD loads its decompositions through torch.jit.script on first use, and recent torch warns that
+    torch.jit.script is deprecated: torch's own call, which no user of this script can act on. Load them once, with
+    that one warning ignored (filtering around every meta step would reset Python's once-per-location warnings)."""
+    with warnings.catch_warnings(), fwAD.dual_level():
+        warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
+        fwAD.make_dual(torch.zeros(()), torch.zeros(()))
+
+
 def meta_gradient(model, tgn, logits_us, probs_w, pbar, x_l, y_l, inputs, alpha, args, autocast=contextlib.nullcontext,
                   directional_derivative=strong_view_directional_derivative, forward_rng=None, forward_values=None):
     """grad_Theta of the meta loss L_meta = CE(f(x_l; w_hat), y_l) (Eq. 12) after the virtual SGD step
@@ -743,10 +752,7 @@ def meta_gradient(model, tgn, logits_us, probs_w, pbar, x_l, y_l, inputs, alpha,
     loss_meta = F.cross_entropy(f(at, x_l), y_l)
     v = torch.autograd.grad(loss_meta, list(at.values()))
     if args.meta_grad == "jvp":
-        with autocast(), replayed_rng(forward_rng, inputs.device), warnings.catch_warnings():
-            # forward-mode AD loads its decompositions through torch.jit.script on first use, and recent torch warns
-            # that torch.jit.script is deprecated: torch's own call, which no user of this script can act on
-            warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
+        with autocast(), replayed_rng(forward_rng, inputs.device):
             directional = directional_derivative(model, params, buffers, v, inputs, pseudo_label, forward_values)
     else:
         eps = 0.01 / torch.nn.utils.get_total_norm(v).clamp_min(1e-12)
@@ -1029,6 +1035,8 @@ def train(args):
     # 118 ms eager, 85 ms compiled)
     directional_derivative = (torch.compile(strong_view_directional_derivative) if args.compile
                               else strong_view_directional_derivative)
+    if args.meta_grad == "jvp":
+        load_forward_mode_ad_quietly()
     # created after the classifier, whose initialisation then equals FixMatch's
     tgn = make_tgn(classes, args.tgn_hidden).to(device)
     meta_optimizer = torch.optim.Adam(tgn.parameters(), lr=args.meta_lr)
