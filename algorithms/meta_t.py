@@ -103,6 +103,7 @@ class Args:
     eval_batch_size: int = arg(1024, "batch size of evaluation")
     output_dir: str = arg("", "where metrics, summary and checkpoints go; empty = runs/<algorithm>_<dataset>_<labels>_seed<seed>")
     resume: str = arg("", "checkpoint file (or output dir holding checkpoint.pt) to resume from")
+    overwrite: bool = arg(False, "start afresh in an --output-dir that holds an earlier run's checkpoint, replacing it")
     stop_after: int = arg(0, "stop after this many steps of this invocation (a planned interruption; resume later); 0 = never")
     channels_last: bool = arg(True, "channels_last memory format (faster convolutions on CUDA and CPU)")
     bf16: bool = arg(True, "bfloat16 autocast for the forward passes (CUDA only)")
@@ -176,20 +177,29 @@ def load_folder(root, size):
     splits = []
     for split in ("train", "test"):
         d = Path(root) / split
-        classes = sorted(p.name for p in d.iterdir() if p.is_dir()) if d.is_dir() else []
+        try:
+            classes = sorted(p.name for p in d.iterdir() if p.is_dir()) if d.is_dir() else []
+        except OSError as e:
+            raise UserError(f"cannot list {d}: {e}") from None
         if not classes:
             raise UserError(f"--dataset folder needs class folders in {d} (e.g. {d}/cat/001.png); found none")
         if split == "test" and classes != splits[0][2]:
             raise UserError(f"{d} has classes {classes}, but train has {splits[0][2]}")
         images, labels = [], []
         for c, name in enumerate(classes):
-            for f in sorted((d / name).iterdir()):
+            try:  # hidden files (.DS_Store, ._*) are no images
+                files = sorted(f for f in (d / name).iterdir() if not f.name.startswith("."))
+            except OSError as e:
+                raise UserError(f"cannot list {d / name}: {e}") from None
+            for f in files:
                 try:
                     with Image.open(f) as im:
                         images.append(np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR)))
                 except Exception as e:
                     raise UserError(f"cannot read image {f}: {e}") from None
                 labels.append(c)
+        if not images:
+            raise UserError(f"the class folders in {d} hold no images")
         splits.append((np.stack(images), np.array(labels), classes))
     return splits[0][0], splits[0][1], splits[1][0], splits[1][1], None, len(splits[0][2])
 
@@ -876,6 +886,11 @@ def json_safe(x):
     return [json_safe(v) for v in x] if isinstance(x, (list, tuple)) else x
 
 
+# what train() saves in a checkpoint; --resume refuses a file that lacks any of it
+CHECKPOINT_KEYS = ("step", "model", "ema_model", "optimizer", "scheduler", "rng", "tgn", "meta_optimizer", "prob_bank",
+                   "tau_bank", "best_top1", "seconds", "args")
+
+
 def save_checkpoint(path, state):
     """Write to a temporary file, then rename: an interruption never leaves a broken checkpoint."""
     tmp = path.with_name(path.name + ".tmp")
@@ -890,11 +905,20 @@ def load_checkpoint(where):
         raise UserError(f"--resume {where!r}: no checkpoint file there")
     try:  # weights_only=False: our own file, which also holds the RNG states
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        if not isinstance(ckpt, dict) or "model" not in ckpt:
-            raise ValueError("not a checkpoint of this script")
+        missing = [k for k in CHECKPOINT_KEYS if k not in ckpt] if isinstance(ckpt, dict) else ["a dict"]
+        if missing or not isinstance(ckpt["args"], dict):
+            raise ValueError(f"not a checkpoint of {ALGORITHM}.py: no {', '.join(missing or ['args dict'])}")
     except Exception as e:
         raise UserError(f"cannot resume from {path}: the file is corrupt or not a checkpoint ({e})") from None
     return ckpt
+
+
+def logged_step(line):
+    """The step of a metrics.jsonl line; a line cut short by an interrupted write counts as after every step."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def reuse_freed_memory():
@@ -927,7 +951,7 @@ def set_rng_states(s):
 # Flags that only say where and how fast a run goes. Every other flag defines what is trained: resuming with a
 # different value would silently train something else (or be silently overridden by the optimizer's saved state).
 RESUME_MAY_DIFFER = ("data_dir", "device", "workers", "threads", "eval_every", "log_every", "eval_batch_size", "output_dir",
-                     "resume", "stop_after", "channels_last", "bf16", "compile", "tensorboard", "plots",
+                     "resume", "overwrite", "stop_after", "channels_last", "bf16", "compile", "tensorboard", "plots",
                      "jvp_reuse_forward")
 
 
@@ -983,6 +1007,11 @@ def train(args):
             raise UserError(f"--resume: this run's flags differ from the checkpoint's: {', '.join(differ)}")
         if not args.output_dir:
             args.output_dir = ckpt["args"]["output_dir"]
+    out = Path(args.output_dir or f"runs/{ALGORITHM}_{args.dataset}_{args.labels}_seed{args.seed}")
+    args.output_dir = str(out)
+    if not ckpt and not args.overwrite and (out / "checkpoint.pt").exists():  # never lose a run by accident
+        raise UserError(f"{out} holds an earlier run's checkpoint: --resume {out} continues it, --overwrite replaces "
+                        "it with this run, or choose another --output-dir")
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -995,8 +1024,6 @@ def train(args):
         unlabeled_idx = np.concatenate([unlabeled_idx, np.arange(len(extra_x)) + len(train_x)])
         images = np.concatenate([train_x, extra_x])
         labels = np.concatenate([labels, np.full(len(extra_x), -1)])
-    out = Path(args.output_dir or f"runs/{ALGORITHM}_{args.dataset}_{args.labels}_seed{args.seed}")
-    args.output_dir = str(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "split.json").write_text(json.dumps({
         "labeled": labeled_idx.tolist(), "validation": val_idx.tolist(), "unlabeled_count": len(unlabeled_idx)}))
@@ -1043,7 +1070,7 @@ def train(args):
     # latest weak-view softmax of every unlabeled sample, for pbar (Eq. 5), and its latest threshold (NaN until seen)
     prob_bank = torch.full((len(unlabeled_idx), classes), 1 / classes, device=device)
     tau_bank = torch.full((len(unlabeled_idx),), math.nan, device=device)
-    best_top1, seconds_before = 0.0, 0.0
+    best_top1, seconds_before = None, 0.0  # None until a first evaluation
     if ckpt:
         model.load_state_dict(ckpt["model"])
         ema_model.load_state_dict(ckpt["ema_model"])
@@ -1059,10 +1086,11 @@ def train(args):
     bank_complete = bool(seen.all())
     metrics_path = out / "metrics.jsonl"
     if ckpt and metrics_path.exists():  # drop records written after the checkpoint by the interrupted run
-        keep = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= first_step]
+        keep = [l for l in metrics_path.read_text().splitlines() if logged_step(l) <= first_step]
         metrics_path.write_text("".join(l + "\n" for l in keep))
-    elif not ckpt:
+    elif not ckpt:  # a fresh run (with --overwrite where an earlier one was): its records and no other checkpoint
         metrics_path.write_text("")
+        (out / "checkpoint.pt").unlink(missing_ok=True)
     writer = None
     if args.tensorboard:
         try:
@@ -1188,7 +1216,7 @@ def train(args):
             window, window_steps, window_start = None, 0, time.perf_counter()
         if step % args.eval_every == 0 or step == args.total_steps:
             eval_result = evaluate(ema_model, test_images, test_labels, classes, args, prepare, autocast)
-            best_top1 = max(best_top1, eval_result["top1"])
+            best_top1 = eval_result["top1"] if best_top1 is None else max(best_top1, eval_result["top1"])
             rec = {"step": step, "kind": "eval", **eval_result, "best_top1": best_top1}
             if len(val_idx):
                 val = evaluate(ema_model, torch.from_numpy(train_x[val_idx]), torch.from_numpy(labels[val_idx]),

@@ -6,7 +6,8 @@ over seeds). Each run's console output goes to <out-dir>/<run>.log.
     python benchmark/accuracy.py --configs fixmatch supervised --seeds 0
 
 A configuration is a name from CONFIGS (script and extra flags). Runs already finished in
---out-dir are read back, not rerun, so an interrupted benchmark continues where it stopped.
+--out-dir are read back, not rerun, and an unfinished run that left a checkpoint is resumed from it,
+so an interrupted benchmark continues where it stopped.
 """
 
 import argparse
@@ -78,8 +79,10 @@ def main():
     def run(key):
         cmd, summary_path = runs[key]
         if not (summary_path.exists() and json.loads(summary_path.read_text())["finished"]):
+            resume = (summary_path.parent / "checkpoint.pt").exists()  # an interrupted run: continue it
+            cmd = [*cmd, "--resume", str(summary_path.parent)] if resume else cmd
             print(" ".join(cmd[1:]), file=sys.stderr, flush=True)
-            with open(summary_path.parent.with_suffix(".log"), "w") as log:
+            with open(summary_path.parent.with_suffix(".log"), "a" if resume else "w") as log:
                 subprocess.run(cmd, check=True, env=env, stdout=log, stderr=subprocess.STDOUT)
         return json.loads(summary_path.read_text())
 

@@ -96,8 +96,8 @@ def main():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     with tempfile.TemporaryDirectory() as tmp:
         for rnd in range(a.repeat):
-            for label, script, flags, _ in variants:
-                out = Path(tmp) / "run"
+            for i, (label, script, flags, _) in enumerate(variants):
+                out = Path(tmp) / f"round{rnd}_variant{i}"  # a fresh run refuses a folder holding a checkpoint
                 cmd = [sys.executable, "-c", RUNNER, str(ROOT / "algorithms" / f"{script}.py"),
                        "real" if a.augment else "identity", str(a.threads), *common, *flags,
                        "--output-dir", str(out)]

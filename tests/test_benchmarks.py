@@ -3,6 +3,7 @@ there can break them without any algorithm test failing: run each at a tiny size
 The kernel benchmark's autograd floor is checked to do the work its ceiling column assumes."""
 
 import importlib.util
+import json
 import re
 import subprocess
 import sys
@@ -69,3 +70,18 @@ def test_kernel_benchmark_floor_writes_the_full_gradient(hard):
         torch.testing.assert_close(floor_grads[1], upstream)
     # The eager provider is built the same way: its gradients have the same shapes.
     assert [g.shape for g in calls["eager"]()] == [g.shape for g in floor_grads]
+
+
+def test_accuracy_benchmark_resumes_an_interrupted_run(tmp_path):
+    common = ["--configs", "fixmatch", "--seeds", "0", "--dataset", "synthetic", "--labels", "8", "--total-steps", "4",
+              "--workers", "0", "--out-dir", str(tmp_path)]
+    run_benchmark("accuracy.py", *common, "--extra", "--batch-size 8 --uratio 2 --eval-every 2 --stop-after 2")
+    run_dir = tmp_path / "fixmatch_synthetic_8_seed0"
+    before = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["step"] for l in before] == [2, 2] and (run_dir / "checkpoint.pt").exists()
+    out = run_benchmark("accuracy.py", *common, "--extra", "--batch-size 8 --uratio 2 --eval-every 2")
+    top1 = 100 * json.loads((run_dir / "summary.json").read_text())["top1"]
+    assert table_rows(out)["fixmatch"][0] == f"{top1:.2f} ± 0.00", out
+    after = (run_dir / "metrics.jsonl").read_text().splitlines()
+    # the records up to the checkpoint's step stay as the first run wrote them (a rerun would time its steps anew)
+    assert after[:2] == before[:2] and [json.loads(l)["step"] for l in after] == [2, 2, 4, 4]

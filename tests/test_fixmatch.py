@@ -197,11 +197,13 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(fixmatch, tmp_path):
     # interrupted after 4 steps (loaded with workers this time), then resumed from its checkpoint
     fixmatch.train(fixmatch.parse_args(tiny(tmp_path, *common, "--stop-after", "4", "--workers", "2", name="cut")))
     assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["step"] == 4
+    with (tmp_path / "cut" / "metrics.jsonl").open("a") as f:  # a log line the interruption cut short
+        f.write('{"step": 5, "kind": "tra')
     resumed = fixmatch.train(fixmatch.parse_args(tiny(tmp_path, *common, "--resume", str(tmp_path / "cut"),
                                                       name="cut")))
     a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
     b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
-    assert a["step"] == b["step"] == 7
+    assert a["step"] == b["step"] == 7 and sorted(a) == sorted(fixmatch.CHECKPOINT_KEYS)
     for (name, ta), (_, tb) in zip(state_tensors(a), state_tensors(b), strict=True):
         assert torch.equal(ta, tb), name
     assert resumed["top1"] == full["top1"]
@@ -245,6 +247,9 @@ def test_bad_input_gets_one_clear_line(fixmatch, tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     assert "corrupt or not a checkpoint" in error_of(fixmatch, tiny(tmp_path, "--resume", str(bad)))
+    torch.save({"model": {}, "step": 3}, bad)  # someone else's checkpoint, or one of an older version
+    assert error_of(fixmatch, tiny(tmp_path, "--resume", str(bad))).endswith(
+        "not a checkpoint of fixmatch.py: no ema_model, optimizer, scheduler, rng, best_top1, seconds, args)")
     assert "no checkpoint file" in error_of(fixmatch, tiny(tmp_path, "--resume", str(tmp_path / "none")))
     assert "needs class folders" in error_of(fixmatch, tiny(tmp_path, "--dataset", "folder", "--data-dir",
                                                           str(tmp_path)))
@@ -313,8 +318,53 @@ def test_folder_dataset(fixmatch, tmp_path):
                 "--image-size", "8")
     assert "cannot read image" in error_of(fixmatch, argv)
     (tmp_path / "data" / "train" / "red" / "broken.png").unlink()
+    (tmp_path / "data" / "train" / "red" / ".DS_Store").write_bytes(b"a file manager's, not an image")
     summary = fixmatch.train(fixmatch.parse_args(argv))
     assert summary["finished"] and len(summary["per_class_acc"]) == 2
+
+
+def test_folder_dataset_errors(fixmatch, tmp_path, monkeypatch):
+    for split in ("train", "test"):
+        (tmp_path / "data" / split / "cat").mkdir(parents=True)
+    argv = tiny(tmp_path, "--dataset", "folder", "--data-dir", str(tmp_path / "data"), "--labels", "2")
+    assert error_of(fixmatch, argv).endswith(f"the class folders in {tmp_path / 'data' / 'train'} hold no images")
+    real_iterdir = type(tmp_path).iterdir
+
+    def unreadable(path):
+        if path.name == "cat":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_iterdir(path)
+
+    monkeypatch.setattr(type(tmp_path), "iterdir", unreadable)
+    assert f"cannot list {tmp_path / 'data' / 'train' / 'cat'}: [Errno 13] Permission denied" in error_of(fixmatch, argv)
+
+
+def test_a_fresh_run_never_replaces_another_runs_checkpoint_unasked(fixmatch, tmp_path, monkeypatch):
+    first = fixmatch.train(fixmatch.parse_args(tiny(tmp_path, "--total-steps", "2")))
+    saved = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    msg = error_of(fixmatch, tiny(tmp_path, "--seed", "1"))
+    assert msg.endswith(f"{tmp_path / 'run'} holds an earlier run's checkpoint: --resume {tmp_path / 'run'} "
+                        "continues it, --overwrite replaces it with this run, or choose another --output-dir")
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == saved
+    second = fixmatch.train(fixmatch.parse_args(tiny(tmp_path, "--seed", "1", "--stop-after", "1", "--overwrite")))
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert first["steps"] == 2 and second["steps"] == ckpt["step"] == 1 and ckpt["args"]["seed"] == 1
+    assert [json.loads(l)["step"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1]
+    # the replaced checkpoint goes at the start: a run interrupted before its first checkpoint leaves none, not
+    # the earlier run's beside its own records
+    def interrupted(path, state):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fixmatch, "save_checkpoint", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        fixmatch.train(fixmatch.parse_args(tiny(tmp_path, "--seed", "2", "--stop-after", "1", "--overwrite")))
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_summary_has_no_best_top1_before_any_evaluation(fixmatch, tmp_path):
+    summary = fixmatch.train(fixmatch.parse_args(tiny(tmp_path, "--stop-after", "1", "--eval-every", "3")))
+    assert summary["top1"] is None and summary["best_top1"] is None
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["best_top1"] is None
 
 
 def test_digits_is_offline_with_a_fixed_test_split(fixmatch):

@@ -304,6 +304,7 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(meta_t, tmp_path):
     resumed = meta_t.train(meta_t.parse_args(tiny(tmp_path, *common, "--resume", str(tmp_path / "cut"), name="cut")))
     a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
     b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    assert sorted(a) == sorted(meta_t.CHECKPOINT_KEYS)  # what --resume requires is what train() saves
 
     def tensors(ckpt):
         yield from ckpt["model"].items()
@@ -367,3 +368,10 @@ def test_bad_method_flags_get_one_clear_line(meta_t, tmp_path):
     # whether the jvp pass reuses the forward changes its speed (and rounding), not what is trained
     assert meta_t.train(meta_t.parse_args(tiny(tmp_path, "--no-jvp-reuse-forward", "--resume", str(tmp_path / "r"),
                                                name="r")))["finished"]
+    # a FixMatch run's checkpoint lacks the TGN and the banks; a fresh Meta-T run does not replace it unasked
+    fixmatch = load_algorithm("fixmatch")
+    fixmatch.train(fixmatch.parse_args(tiny(tmp_path, "--total-steps", "2", name="f")))
+    assert error_of(meta_t, tiny(tmp_path, "--resume", str(tmp_path / "f"), name="f")).endswith(
+        "not a checkpoint of meta_t.py: no tgn, meta_optimizer, prob_bank, tau_bank)")
+    assert "holds an earlier run's checkpoint" in error_of(meta_t, tiny(tmp_path, name="f"))
+    assert "tgn" not in torch.load(tmp_path / "f" / "checkpoint.pt", weights_only=False)  # still FixMatch's
