@@ -728,7 +728,8 @@ def load_forward_mode_ad_quietly():
 def meta_gradient(model, tgn, logits_us, probs_w, pbar, x_l, y_l, inputs, alpha, args, autocast=contextlib.nullcontext,
                   directional_derivative=strong_view_directional_derivative, forward_rng=None, forward_values=None):
     """grad_Theta of the meta loss L_meta = CE(f(x_l; w_hat), y_l) (Eq. 12) after the virtual SGD step
-    w_hat = w - alpha * grad_w L_u(w, Theta) (Eq. 8), for the TGN update (Eq. 9 / 16); also returns L_meta.
+    w_hat = w - alpha * grad_w L_u(w, Theta) (Eq. 8), for the TGN update (Eq. 9 / 16); also returns L_meta (the
+    labeled loss at w instead under fd with v at w, which computes no w_hat).
     inputs: the step's concatenated batch (labeled, weak, strong); logits_us: its strong-view logits, with their
     graph to w. The extra forwards run on cloned buffers, so the meta step never changes the BatchNorm running
     statistics. forward_rng: the generator state (rng_state) from just before the step's forward; with it, the
@@ -768,9 +769,10 @@ def meta_gradient(model, tgn, logits_us, probs_w, pbar, x_l, y_l, inputs, alpha,
         eps = 0.01 / torch.nn.utils.get_total_norm(v).clamp_min(1e-12)
         fd_rng = rng_state(inputs.device)  # both forwards draw the same dropout masks: only eps * v differs
 
-        def ce_at(sign):
+        def ce_at(sign):  # without autocast: bfloat16 weights would round most of eps * v away
+            w = {k: p + sign * eps * vk for (k, p), vk in zip(params.items(), v)}
             with replayed_rng(fd_rng, inputs.device):
-                logits = f({k: p + sign * eps * vk for (k, p), vk in zip(params.items(), v)}, inputs[-n_u:])
+                logits = torch.func.functional_call(model, {**w, **buffers}, (inputs[-n_u:],)).to(logits_us.dtype)
             return F.cross_entropy(logits, pseudo_label, reduction="none")
 
         with torch.no_grad():
@@ -1168,7 +1170,7 @@ def train(args):
             y_u = batch["y_u"].to(device, non_blocking=True)
             known, correct = (y_u >= 0).float(), (pseudo_label == y_u).float()
             selected = (mask >= 0.5).float()  # a surrogate mask selects a sample when above 1/2
-            stats.update(mask_rate=mask.mean(), selected=(selected * known).sum(),
+            stats.update(mask_rate=mask.mean(), selected=(selected * known).sum(),  # mask_rate: the mean weight
                          selected_correct=(selected * correct).sum(), known=known.sum(), correct=correct.sum(),
                          tau_mean=tau.mean(), meta_steps=loss.new_ones(()) if meta else loss.new_zeros(()),
                          loss_meta=loss_meta if meta else loss.new_zeros(()),
