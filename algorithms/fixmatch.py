@@ -772,9 +772,10 @@ def train(args):
     if ckpt and metrics_path.exists():  # drop records written after the checkpoint by the interrupted run
         keep = [l for l in metrics_path.read_text().splitlines() if logged_step(l) <= first_step]
         metrics_path.write_text("".join(l + "\n" for l in keep))
-    elif not ckpt:  # a fresh run (with --overwrite where an earlier one was): its records and no other checkpoint
+    elif not ckpt:  # a fresh run (with --overwrite where an earlier one was): nothing of another run stays beside it
         metrics_path.write_text("")
-        (out / "checkpoint.pt").unlink(missing_ok=True)
+        for earlier in ("checkpoint.pt", "summary.json"):
+            (out / earlier).unlink(missing_ok=True)
     writer = None
     if args.tensorboard:
         try:

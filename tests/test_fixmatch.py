@@ -350,15 +350,15 @@ def test_a_fresh_run_never_replaces_another_runs_checkpoint_unasked(fixmatch, tm
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     assert first["steps"] == 2 and second["steps"] == ckpt["step"] == 1 and ckpt["args"]["seed"] == 1
     assert [json.loads(l)["step"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1]
-    # the replaced checkpoint goes at the start: a run interrupted before its first checkpoint leaves none, not
-    # the earlier run's beside its own records
+    # the replaced run's checkpoint and summary go at the start: a run interrupted before its first checkpoint leaves
+    # neither, rather than the earlier run's beside its own records
     def interrupted(path, state):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(fixmatch, "save_checkpoint", interrupted)
     with pytest.raises(KeyboardInterrupt):
         fixmatch.train(fixmatch.parse_args(tiny(tmp_path, "--seed", "2", "--stop-after", "1", "--overwrite")))
-    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    assert not (tmp_path / "run" / "checkpoint.pt").exists() and not (tmp_path / "run" / "summary.json").exists()
 
 
 def test_summary_has_no_best_top1_before_any_evaluation(fixmatch, tmp_path):
