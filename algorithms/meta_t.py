@@ -782,6 +782,17 @@ def meta_gradient(model, tgn, logits_us, probs_w, pbar, x_l, y_l, inputs, alpha,
     return torch.autograd.grad(mask, list(tgn.parameters()), grad_outputs=dmeta_dmask), loss_meta.detach()
 
 
+def bank_rows(idx_u):
+    """The rows of a memory bank that a batch writes, and the batch positions written there: each sample's last
+    occurrence. A batch that straddles two epochs of the unlabeled stream can hold a sample twice, and an indexed write
+    of repeated rows keeps any one of them, or a mix, with several CPU threads or on CUDA (here, 2 threads: 28
+    different results in 300 repeats of one 448 x 10 write). One thread wrote the last: that is kept."""
+    idx = idx_u.numpy()
+    _, last_in_reversed = np.unique(idx[::-1], return_index=True)
+    positions = np.sort(len(idx) - 1 - last_in_reversed)
+    return torch.from_numpy(idx[positions]), torch.from_numpy(positions)
+
+
 @torch.no_grad()
 def threshold_diagnostics(tau_bank, prob_bank, bins=20):
     """Fig. 5: histogram on [0, 1] of the latest threshold of every unlabeled sample seen so far, and their
@@ -1148,9 +1159,9 @@ def train(args):
             with autocast(), recorded if recorded is not None else contextlib.nullcontext():
                 logits = forward(inputs).float()
             # ---- Meta-T (the part other methods change) ----
-            n_u, idx_u = len(x_us), batch["idx_u"].to(device, non_blocking=True)
+            n_u, (idx_u, rows) = len(x_us), (t.to(device, non_blocking=True) for t in bank_rows(batch["idx_u"]))
             probs_w = torch.softmax(logits[args.batch_size:-n_u].detach(), dim=1)
-            prob_bank[idx_u] = probs_w  # before Eq. 5: pbar then holds this batch's current predictions
+            prob_bank[idx_u] = probs_w[rows]  # before Eq. 5: pbar then holds this batch's current predictions
             if not bank_complete:  # Eq. 5 averages the samples that have a prediction: leave out the unseen rows
                 seen[idx_u] = True
                 bank_complete = bool(seen.all())  # a host sync, only until every sample has been seen once
@@ -1165,7 +1176,7 @@ def train(args):
                 tgn_grad_norm = torch.nn.utils.get_total_norm(theta_grads)
             with torch.no_grad():
                 tau = tgn_thresholds(tgn, probs_w, pbar)  # the updated TGN's thresholds, constants for Eq. 10
-            tau_bank[idx_u] = tau
+            tau_bank[idx_u] = tau[rows]
             loss, stats, mask, pseudo_label = meta_t_loss(logits, y_l, probs_w, tau, args)  # reuses the forward
             # pseudo-label diagnostics; y_u = -1 where the true label is unknown
             y_u = batch["y_u"].to(device, non_blocking=True)

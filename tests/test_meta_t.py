@@ -369,6 +369,29 @@ def test_cosine_schedule_is_fixmatchs(meta_t):
     assert cosine.lr_lambdas[0](1000) < 1
 
 
+def test_bank_writes_each_sample_of_a_batch_once_and_keeps_its_last_row(meta_t):
+    """A batch across two epochs of the unlabeled stream holds some samples twice. Written as they come, with two
+    threads, the bank's rows of those samples differed from one repeat of the same write to the next."""
+    torch.manual_seed(0)
+    idx_u = torch.from_numpy(meta_t.sample_indices(1300, 448, 2, 0, 1))  # step 2 straddles the first epoch's end
+    assert len(idx_u.unique()) < len(idx_u)
+    probs_w = torch.randn(448, 100).softmax(1)
+    last = torch.zeros(1300, 100)
+    for i, row in zip(idx_u.tolist(), probs_w):  # one row after the other: the last one stays
+        last[i] = row
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for _ in range(20):
+            idx, rows = meta_t.bank_rows(idx_u)
+            bank = torch.zeros(1300, 100)
+            bank[idx] = probs_w[rows]
+            assert torch.equal(bank, last)
+    finally:
+        torch.set_num_threads(threads)
+    assert sorted(idx.tolist()) == sorted(set(idx_u.tolist())) and rows.tolist() == sorted(rows.tolist())
+
+
 def test_class_confidence_and_tgn(meta_t):
     probs = torch.tensor([[0.7, 0.2, 0.1], [0.5, 0.4, 0.1], [0.1, 0.1, 0.8]])
     mean, counts = meta_t.class_confidence_reference(probs)
