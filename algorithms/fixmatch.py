@@ -625,9 +625,11 @@ def load_checkpoint(where):
         raise UserError(f"--resume {where!r}: no checkpoint file there")
     try:  # weights_only=False: our own file, which also holds the RNG states
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        missing = [k for k in CHECKPOINT_KEYS if k not in ckpt] if isinstance(ckpt, dict) else ["a dict"]
+        if not isinstance(ckpt, dict):
+            raise ValueError("not a dict")
+        missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
         if missing or not isinstance(ckpt["args"], dict):
-            raise ValueError(f"not a checkpoint of {ALGORITHM}.py: no {', '.join(missing or ['args dict'])}")
+            raise ValueError(f"not a checkpoint of {ALGORITHM}.py: no {', '.join(missing) or 'args dict'}")
     except Exception as e:
         raise UserError(f"cannot resume from {path}: the file is corrupt or not a checkpoint ({e})") from None
     return ckpt

@@ -740,8 +740,8 @@ def meta_gradient(model, tgn, logits_us, probs_w, pbar, x_l, y_l, inputs, alpha,
     buffers = {k: b.clone() for k, b in model.named_buffers()}
     n_u = len(logits_us)
 
-    def f(w, x):
-        with autocast():
+    def f(w, x, precision=autocast):
+        with precision():
             return torch.func.functional_call(model, {**w, **buffers}, (x,)).to(logits_us.dtype)
 
     tau = tgn_thresholds(tgn, probs_w, pbar)  # with its graph to Theta
@@ -772,7 +772,7 @@ def meta_gradient(model, tgn, logits_us, probs_w, pbar, x_l, y_l, inputs, alpha,
         def ce_at(sign):  # without autocast: bfloat16 weights would round most of eps * v away
             w = {k: p + sign * eps * vk for (k, p), vk in zip(params.items(), v)}
             with replayed_rng(fd_rng, inputs.device):
-                logits = torch.func.functional_call(model, {**w, **buffers}, (inputs[-n_u:],)).to(logits_us.dtype)
+                logits = f(w, inputs[-n_u:], precision=contextlib.nullcontext)
             return F.cross_entropy(logits, pseudo_label, reduction="none")
 
         with torch.no_grad():
@@ -918,9 +918,11 @@ def load_checkpoint(where):
         raise UserError(f"--resume {where!r}: no checkpoint file there")
     try:  # weights_only=False: our own file, which also holds the RNG states
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        missing = [k for k in CHECKPOINT_KEYS if k not in ckpt] if isinstance(ckpt, dict) else ["a dict"]
+        if not isinstance(ckpt, dict):
+            raise ValueError("not a dict")
+        missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
         if missing or not isinstance(ckpt["args"], dict):
-            raise ValueError(f"not a checkpoint of {ALGORITHM}.py: no {', '.join(missing or ['args dict'])}")
+            raise ValueError(f"not a checkpoint of {ALGORITHM}.py: no {', '.join(missing) or 'args dict'}")
     except Exception as e:
         raise UserError(f"cannot resume from {path}: the file is corrupt or not a checkpoint ({e})") from None
     return ckpt
@@ -1159,7 +1161,8 @@ def train(args):
             with autocast(), recorded if recorded is not None else contextlib.nullcontext():
                 logits = forward(inputs).float()
             # ---- Meta-T (the part other methods change) ----
-            n_u, (idx_u, rows) = len(x_us), (t.to(device, non_blocking=True) for t in bank_rows(batch["idx_u"]))
+            n_u = len(x_us)
+            idx_u, rows = (t.to(device, non_blocking=True) for t in bank_rows(batch["idx_u"]))  # rows: batch positions
             probs_w = torch.softmax(logits[args.batch_size:-n_u].detach(), dim=1)
             prob_bank[idx_u] = probs_w[rows]  # before Eq. 5: pbar then holds this batch's current predictions
             if not bank_complete:  # Eq. 5 averages the samples that have a prediction: leave out the unseen rows
