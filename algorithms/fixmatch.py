@@ -74,6 +74,7 @@ class Args:
     # run
     seed: int = arg(0, "seed of every RNG (split, data order, augmentation, init)")
     device: str = arg("", "cuda | cpu; empty = cuda when available")
+    torch_deterministic: bool = arg(True, "cuDNN uses deterministic convolution algorithms only (CUDA; as CleanRL)")
     workers: int = arg(4, "data-loading worker processes (0 = load in the main process)")
     threads: int = arg(0, "CPU threads of the training process; 0 = torch's default (all cores)")
     eval_every: int = arg(5000, "evaluate (and checkpoint) every this many steps")
@@ -673,7 +674,8 @@ def set_rng_states(s):
 # Flags that only say where and how fast a run goes. Every other flag defines what is trained: resuming with a
 # different value would silently train something else (or be silently overridden by the optimizer's saved state).
 RESUME_MAY_DIFFER = ("data_dir", "device", "workers", "threads", "eval_every", "log_every", "eval_batch_size", "output_dir",
-                     "resume", "overwrite", "stop_after", "channels_last", "bf16", "compile", "tensorboard")
+                     "resume", "overwrite", "stop_after", "channels_last", "bf16", "compile", "tensorboard",
+                     "torch_deterministic")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -723,6 +725,7 @@ def train(args):
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic  # else cuDNN may pick algorithms whose float atomics vary per run
 
     # --- data ---
     train_x, train_y, test_x, test_y, extra_x, classes = load_data(args)

@@ -184,6 +184,16 @@ def test_threads_flag(fixmatch, tmp_path):
         torch.set_num_threads(threads)
 
 
+def test_torch_deterministic_flag_sets_cudnn(fixmatch, tmp_path):
+    before = torch.backends.cudnn.deterministic
+    try:
+        for flag, expected in (("--no-torch-deterministic", False), ("--torch-deterministic", True)):
+            fixmatch.train(fixmatch.parse_args(tiny(tmp_path, flag, "--total-steps", "1", "--overwrite")))
+            assert torch.backends.cudnn.deterministic is expected
+    finally:
+        torch.backends.cudnn.deterministic = before
+
+
 def state_tensors(ckpt):
     yield from ckpt["model"].items()
     yield from ckpt["ema_model"].items()

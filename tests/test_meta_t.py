@@ -404,6 +404,16 @@ def test_class_confidence_and_tgn(meta_t):
     assert tau.shape == (3,) and ((tau > 0.3) & (tau < 0.7)).all()  # a fresh TGN starts near 0.5
 
 
+def test_torch_deterministic_flag_sets_cudnn(meta_t, tmp_path):
+    before = torch.backends.cudnn.deterministic
+    try:
+        for flag, expected in (("--no-torch-deterministic", False), ("--torch-deterministic", True)):
+            meta_t.train(meta_t.parse_args(tiny(tmp_path, flag, "--total-steps", "1", "--meta-grad", "fd", "--overwrite")))
+            assert torch.backends.cudnn.deterministic is expected
+    finally:
+        torch.backends.cudnn.deterministic = before
+
+
 def test_bad_method_flags_get_one_clear_line(meta_t, tmp_path):
     assert "--meta-interval must be positive" in error_of(meta_t, tiny(tmp_path, "--meta-interval", "0"))
     assert "unknown --meta-grad 'second'" in error_of(meta_t, tiny(tmp_path, "--meta-grad", "second"))
