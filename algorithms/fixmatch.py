@@ -685,12 +685,19 @@ def train(args):
     # --- validate and set up ---
     if args.device == "":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:  # not a device string at all
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device must be cpu, cuda or cuda:<index>, got {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}: no CUDA device is available")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s), from cuda:0")
     for name in ("batch_size", "uratio", "total_steps", "eval_every", "log_every", "eval_batch_size"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    device = torch.device(args.device)
     for name in ("threads", "workers"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name} must be 0 or positive, got {getattr(args, name)}")

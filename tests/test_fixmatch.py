@@ -236,6 +236,17 @@ def test_checkpoint_write_is_atomic(fixmatch, tmp_path, monkeypatch):
     assert torch.equal(torch.load(path)["model"]["w"], torch.ones(2))
 
 
+def test_device_errors_get_one_clear_line(fixmatch, tmp_path, monkeypatch):
+    for device in ("foo", "mps", "cuda:-1"):  # mps: this file handles the RNGs of the CPU and CUDA only
+        assert "--device must be cpu, cuda or cuda:<index>" in error_of(fixmatch, tiny(tmp_path, "--device", device))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert error_of(fixmatch, tiny(tmp_path, "--device", "cuda")).endswith("--device cuda: no CUDA device is available")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert error_of(fixmatch, tiny(tmp_path, "--device", "cuda:1")).endswith(
+        "--device cuda:1: this machine has 1 CUDA device(s), from cuda:0")
+
+
 def test_bad_input_gets_one_clear_line(fixmatch, tmp_path):
     for flags, message in [
         (("--dataset", "mnist"), "unknown --dataset 'mnist'"),
