@@ -81,7 +81,7 @@ class Args:
     log_every: int = arg(100, "log losses and pseudo-label diagnostics every this many steps")
     eval_batch_size: int = arg(1024, "batch size of evaluation")
     output_dir: str = arg("", "where metrics, summary and checkpoints go; empty = runs/<algorithm>_<dataset>_<labels>_seed<seed>")
-    resume: str = arg("", "checkpoint file (or output dir holding checkpoint.pt) to resume from")
+    resume: str = arg("", "checkpoint file (or output dir holding checkpoint.pt) to resume from; flags left out are its own")
     overwrite: bool = arg(False, "start afresh in an --output-dir that holds an earlier run's checkpoint, replacing it")
     stop_after: int = arg(0, "stop after this many steps of this invocation (a planned interruption; resume later); 0 = never")
     channels_last: bool = arg(True, "channels_last memory format (faster convolutions on CUDA and CPU)")
@@ -103,6 +103,12 @@ def parse_args(argv=None) -> Args:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help)
         else:
             parser.add_argument(flag, type=type(f.default), default=f.default, help=help)
+    resume = parser.parse_known_args(argv)[0].resume
+    if resume:  # `--resume <dir>` alone continues a run: the flags left out are the checkpoint's, except
+        # those that belong to this machine and invocation
+        per_invocation = ("device", "workers", "threads", "resume", "overwrite", "stop_after")
+        saved = load_checkpoint(resume)["args"]
+        parser.set_defaults(**{k: v for k, v in saved.items() if k in Args.__dataclass_fields__ and k not in per_invocation})
     return Args(**vars(parser.parse_args(argv)))
 
 
@@ -609,7 +615,8 @@ def json_safe(x):
 
 
 # what train() saves in a checkpoint; --resume refuses a file that lacks any of it
-CHECKPOINT_KEYS = ("step", "model", "ema_model", "optimizer", "scheduler", "rng", "best_top1", "seconds", "args")
+CHECKPOINT_KEYS = ("algorithm", "step", "model", "ema_model", "optimizer", "scheduler", "rng", "best_top1", "seconds",
+                   "args")
 
 
 def save_checkpoint(path, state):
@@ -628,11 +635,13 @@ def load_checkpoint(where):
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         if not isinstance(ckpt, dict):
             raise ValueError("not a dict")
+        if ckpt.get("algorithm", ALGORITHM) != ALGORITHM:
+            raise ValueError(f"written by {ckpt['algorithm']}.py")
         missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
         if missing or not isinstance(ckpt["args"], dict):
-            raise ValueError(f"not a checkpoint of {ALGORITHM}.py: no {', '.join(missing) or 'args dict'}")
+            raise ValueError(f"no {', '.join(missing) or 'args dict'}")
     except Exception as e:
-        raise UserError(f"cannot resume from {path}: the file is corrupt or not a checkpoint ({e})") from None
+        raise UserError(f"cannot resume from {path}: the file is corrupt or not a checkpoint of {ALGORITHM}.py ({e})") from None
     return ckpt
 
 
@@ -695,14 +704,21 @@ def train(args):
         raise UserError(f"--device {args.device}: no CUDA device is available")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise UserError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s), from cuda:0")
-    for name in ("batch_size", "uratio", "total_steps", "eval_every", "log_every", "eval_batch_size"):
-        if getattr(args, name) <= 0:
+    for name in ("batch_size", "uratio", "total_steps", "eval_every", "log_every", "eval_batch_size", "image_size"):
+        if not getattr(args, name) > 0:  # not `<= 0`, which NaN passes
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ("threads", "workers"):
+    for name in ("lr", "lambda_u"):  # 0 turns that part off
+        if not 0 <= getattr(args, name) < math.inf:
+            raise UserError(f"--{name.replace('_', '-')} must be 0 or a positive finite number, got {getattr(args, name)}")
+    if not 0 < args.momentum < 1:
+        raise UserError(f"--momentum must be in (0, 1) (Nesterov SGD needs some), got {args.momentum}")
+    for name in ("threads", "workers", "stop_after"):
         if getattr(args, name) < 0:
-            raise UserError(f"--{name} must be 0 or positive, got {getattr(args, name)}")
+            raise UserError(f"--{name.replace('_', '-')} must be 0 or positive, got {getattr(args, name)}")
     if not 0 <= args.seed < 2**32:  # numpy's legacy seeding takes no more
         raise UserError(f"--seed must be in [0, 2^32), got {args.seed}")
+    if math.isnan(args.tau):  # above 1 is allowed: no pseudo-label passes
+        raise UserError("--tau must be a number, got nan")
     if not 0 <= args.ema <= 1:
         raise UserError(f"--ema is a decay in [0, 1], got {args.ema}")
     if args.threads > 0:
@@ -714,6 +730,8 @@ def train(args):
     _, mean, std, default_net, default_wd, flip = DATASETS[args.dataset]
     args.net = args.net or default_net
     args.weight_decay = default_wd if args.weight_decay < 0 else args.weight_decay
+    if not args.weight_decay < math.inf:  # NaN included
+        raise UserError(f"--weight-decay must be finite, got {args.weight_decay}")
     if args.net not in NETS:
         raise UserError(f"unknown --net {args.net!r}; choose one of {', '.join(NETS)}")
     ckpt = load_checkpoint(args.resume) if args.resume else None
@@ -722,6 +740,8 @@ def train(args):
                   for k, v in dataclasses.asdict(args).items() if k not in RESUME_MAY_DIFFER and ckpt["args"].get(k) != v]
         if differ:
             raise UserError(f"--resume: this run's flags differ from the checkpoint's: {', '.join(differ)}")
+        if ckpt["step"] >= args.total_steps:  # nothing to run; going on would overwrite its summary.json
+            raise UserError(f"--resume {args.resume}: that run has finished all its {args.total_steps} steps")
         if not args.output_dir:
             args.output_dir = ckpt["args"]["output_dir"]
     out = Path(args.output_dir or f"runs/{ALGORITHM}_{args.dataset}_{args.labels}_seed{args.seed}")
@@ -742,9 +762,12 @@ def train(args):
         unlabeled_idx = np.concatenate([unlabeled_idx, np.arange(len(extra_x)) + len(train_x)])
         images = np.concatenate([train_x, extra_x])
         labels = np.concatenate([labels, np.full(len(extra_x), -1)])
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "split.json").write_text(json.dumps({
-        "labeled": labeled_idx.tolist(), "validation": val_idx.tolist(), "unlabeled_count": len(unlabeled_idx)}))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "split.json").write_text(json.dumps({
+            "labeled": labeled_idx.tolist(), "validation": val_idx.tolist(), "unlabeled_count": len(unlabeled_idx)}))
+    except OSError as e:
+        raise UserError(f"cannot write to --output-dir {out}: {e.strerror or e}") from None
 
     first_step = ckpt["step"] if ckpt else 0
     loader = torch.utils.data.DataLoader(
@@ -806,7 +829,7 @@ def train(args):
 
     def checkpoint(step):
         save_checkpoint(out / "checkpoint.pt", {
-            "step": step, "model": model.state_dict(), "ema_model": ema_model.state_dict(),
+            "algorithm": ALGORITHM, "step": step, "model": model.state_dict(), "ema_model": ema_model.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states(),
             "best_top1": best_top1, "seconds": seconds_before + time.perf_counter() - start_time,
             "args": dataclasses.asdict(args)})
@@ -902,9 +925,8 @@ def train(args):
 
 
 def main(argv=None):
-    args = parse_args(argv)
     try:
-        summary = train(args)
+        summary = train(parse_args(argv))
     except UserError as e:
         sys.exit(f"{ALGORITHM}.py: error: {e}")
     if summary["top1"] is not None:

@@ -209,8 +209,8 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(fixmatch, tmp_path):
     assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["step"] == 4
     with (tmp_path / "cut" / "metrics.jsonl").open("a") as f:  # a log line the interruption cut short
         f.write('{"step": 5, "kind": "tra')
-    resumed = fixmatch.train(fixmatch.parse_args(tiny(tmp_path, *common, "--resume", str(tmp_path / "cut"),
-                                                      name="cut")))
+    # the flags left out are the checkpoint's (--workers is this invocation's: 0, not the default 4)
+    resumed = fixmatch.train(fixmatch.parse_args(["--resume", str(tmp_path / "cut"), "--workers", "0"]))
     a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
     b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
     assert a["step"] == b["step"] == 7 and sorted(a) == sorted(fixmatch.CHECKPOINT_KEYS)
@@ -219,6 +219,10 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(fixmatch, tmp_path):
     assert resumed["top1"] == full["top1"]
     steps = [json.loads(l)["step"] for l in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [json.loads(l)["step"] for l in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    # a finished run has nothing to continue: refused, its summary left as it was
+    summary = (tmp_path / "cut" / "summary.json").read_text()
+    assert error_of(fixmatch, ["--resume", str(tmp_path / "cut")]).endswith("that run has finished all its 7 steps")
+    assert (tmp_path / "cut" / "summary.json").read_text() == summary
 
 
 def test_checkpoint_write_is_atomic(fixmatch, tmp_path, monkeypatch):
@@ -257,6 +261,15 @@ def test_bad_input_gets_one_clear_line(fixmatch, tmp_path):
         (("--workers", "-1"), "--workers must be 0 or positive"),
         (("--seed", "-1"), "--seed must be in [0, 2^32)"),
         (("--ema", "1.5"), "--ema is a decay in [0, 1]"),
+        (("--stop-after", "-1"), "--stop-after must be 0 or positive"),
+        (("--image-size", "0"), "--image-size must be positive"),  # was blamed on the first image of a folder
+        # NaN passes a `<= 0` test; these trained on with NaN weights or failed inside torch.optim
+        (("--lr", "nan"), "--lr must be 0 or a positive finite number"),
+        (("--lr", "-1"), "--lr must be 0 or a positive finite number"),
+        (("--lambda-u", "inf"), "--lambda-u must be 0 or a positive finite number"),
+        (("--momentum", "0"), "--momentum must be in (0, 1)"),
+        (("--weight-decay", "nan"), "--weight-decay must be finite"),
+        (("--tau", "nan"), "--tau must be a number"),
         (("--val-labels", "-4"), "0 or a positive multiple"),
         # the imbalanced split needs both sizes: --n1 alone used to leave no unlabeled data beyond the labeled
         (("--n1", "12"), "needs --m1 > 0"),
@@ -270,8 +283,9 @@ def test_bad_input_gets_one_clear_line(fixmatch, tmp_path):
     assert "corrupt or not a checkpoint" in error_of(fixmatch, tiny(tmp_path, "--resume", str(bad)))
     torch.save({"model": {}, "step": 3}, bad)  # someone else's checkpoint, or one of an older version
     assert error_of(fixmatch, tiny(tmp_path, "--resume", str(bad))).endswith(
-        "not a checkpoint of fixmatch.py: no ema_model, optimizer, scheduler, rng, best_top1, seconds, args)")
+        "not a checkpoint of fixmatch.py (no algorithm, ema_model, optimizer, scheduler, rng, best_top1, seconds, args)")
     assert "no checkpoint file" in error_of(fixmatch, tiny(tmp_path, "--resume", str(tmp_path / "none")))
+    assert f"cannot write to --output-dir {bad}" in error_of(fixmatch, tiny(tmp_path, "--output-dir", str(bad)))
     assert "needs class folders" in error_of(fixmatch, tiny(tmp_path, "--dataset", "folder", "--data-dir",
                                                           str(tmp_path)))
     # resuming with flags that define another run is refused

@@ -421,6 +421,9 @@ def test_bad_method_flags_get_one_clear_line(meta_t, tmp_path):
     assert "unknown --lr-schedule 'linear'; choose step or cosine" in error_of(
         meta_t, tiny(tmp_path, "--lr-schedule", "linear"))
     assert "--beta must be finite" in error_of(meta_t, tiny(tmp_path, "--beta", "inf"))
+    assert "--beta must be positive, got nan" in error_of(meta_t, tiny(tmp_path, "--beta", "nan"))
+    assert "--meta-lr must be positive, got nan" in error_of(meta_t, tiny(tmp_path, "--meta-lr", "nan"))
+    assert "--meta-lr must be finite" in error_of(meta_t, tiny(tmp_path, "--meta-lr", "inf"))
     assert "--lr-milestones '1/3,x'" in error_of(meta_t, tiny(tmp_path, "--lr-milestones", "1/3,x"))
     meta_t.train(meta_t.parse_args(tiny(tmp_path, "--stop-after", "1", name="r")))
     msg = error_of(meta_t, tiny(tmp_path, "--meta-grad", "fd", "--resume", str(tmp_path / "r"), name="r"))
@@ -430,10 +433,13 @@ def test_bad_method_flags_get_one_clear_line(meta_t, tmp_path):
     # whether the jvp pass reuses the forward changes its speed (and rounding), not what is trained
     assert meta_t.train(meta_t.parse_args(tiny(tmp_path, "--no-jvp-reuse-forward", "--resume", str(tmp_path / "r"),
                                                name="r")))["finished"]
-    # a FixMatch run's checkpoint lacks the TGN and the banks; a fresh Meta-T run does not replace it unasked
+    # neither script continues the other's run (a Meta-T checkpoint holds every key of a FixMatch one); a fresh
+    # Meta-T run does not replace a FixMatch run's checkpoint unasked
     fixmatch = load_algorithm("fixmatch")
     fixmatch.train(fixmatch.parse_args(tiny(tmp_path, "--total-steps", "2", name="f")))
     assert error_of(meta_t, tiny(tmp_path, "--resume", str(tmp_path / "f"), name="f")).endswith(
-        "not a checkpoint of meta_t.py: no tgn, meta_optimizer, prob_bank, tau_bank)")
+        "not a checkpoint of meta_t.py (written by fixmatch.py)")
+    assert error_of(fixmatch, ["--resume", str(tmp_path / "r")]).endswith(
+        "not a checkpoint of fixmatch.py (written by meta_t.py)")
     assert "holds an earlier run's checkpoint" in error_of(meta_t, tiny(tmp_path, name="f"))
     assert "tgn" not in torch.load(tmp_path / "f" / "checkpoint.pt", weights_only=False)  # still FixMatch's
