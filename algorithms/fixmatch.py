@@ -238,12 +238,16 @@ def split_labeled(y, classes, args, rng):
     if args.n1 > 0:
         if classes < 2:
             raise UserError("the imbalanced split (--n1) needs at least 2 classes")
-        if args.m1 <= 0 or args.gamma_l <= 0 or args.gamma_u <= 0:
+        if args.m1 <= 0 or not 0 < args.gamma_l < math.inf or not 0 < args.gamma_u < math.inf:
             raise UserError(f"the imbalanced split (--n1) needs --m1 > 0 (unlabeled samples of class 0) and positive "
-                            f"--gamma-l and --gamma-u, got --m1 {args.m1}, --gamma-l {args.gamma_l}, --gamma-u {args.gamma_u}")
+                            f"finite --gamma-l and --gamma-u, got --m1 {args.m1}, --gamma-l {args.gamma_l}, "
+                            f"--gamma-u {args.gamma_u}")
         decay = lambda first, gamma, c: int(first * gamma ** (-c / (classes - 1)))
         n_lab = [decay(args.n1, args.gamma_l, c) for c in range(classes)]
         n_unl = [decay(args.m1, args.gamma_u, c) for c in range(classes)]
+        if min(n_lab) == 0:
+            raise UserError(f"--n1 {args.n1} with --gamma-l {args.gamma_l} leaves class {n_lab.index(0)} without a "
+                            "labeled sample (N_c rounds down to 0): raise --n1 or lower --gamma-l")
     else:
         if args.n1 < 0 or args.m1 != 0:
             raise UserError(f"--n1 {args.n1}, --m1 {args.m1}: the imbalanced split needs both --n1 > 0 and --m1 > 0")
@@ -762,6 +766,9 @@ def train(args):
         unlabeled_idx = np.concatenate([unlabeled_idx, np.arange(len(extra_x)) + len(train_x)])
         images = np.concatenate([train_x, extra_x])
         labels = np.concatenate([labels, np.full(len(extra_x), -1)])
+    if len(unlabeled_idx) == 0 and not args.labeled_only:
+        raise UserError("no training sample is left for the unlabeled set: use fewer --labels / --val-labels, no "
+                        "--exclude-labeled, or --labeled-only")
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / "split.json").write_text(json.dumps({

@@ -274,6 +274,9 @@ def test_bad_input_gets_one_clear_line(fixmatch, tmp_path):
         # the imbalanced split needs both sizes: --n1 alone used to leave no unlabeled data beyond the labeled
         (("--n1", "12"), "needs --m1 > 0"),
         (("--m1", "30"), "needs both --n1 > 0 and --m1 > 0"),
+        (("--n1", "12", "--m1", "30", "--gamma-l", "nan"), "positive finite --gamma-l and --gamma-u"),
+        (("--n1", "1", "--m1", "30", "--gamma-l", "100"), "leaves class 1 without a labeled sample"),
+        (("--labels", "192", "--exclude-labeled"), "no training sample is left for the unlabeled set"),
         # ConvLarge's unpadded 3x3 convolution needs more than the 2x2 maps left of 8x8 images
         (("--net", "convlarge"), "--net convlarge does not fit the 8x8 images"),
     ]:
