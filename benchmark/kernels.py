@@ -275,6 +275,8 @@ def main():
     parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (torch.set_num_threads); 0 keeps torch's default")
     args = parser.parse_args()
+    if args.threads < 0:
+        parser.error("--threads must be 0 or positive")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     devices = ["cpu"] if args.device in ("cpu", "all") else []

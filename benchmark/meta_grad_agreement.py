@@ -34,6 +34,8 @@ def main():
     a = p.parse_args()
     if not 0 < a.measure <= a.steps:
         p.error("--measure must be in 1 .. --steps")
+    if a.threads < 0:
+        p.error("--threads must be 0 or positive")
     if a.threads:
         torch.set_num_threads(a.threads)
     spec = importlib.util.spec_from_file_location("meta_t", ROOT / "algorithms" / "meta_t.py")

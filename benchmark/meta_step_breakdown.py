@@ -38,6 +38,8 @@ def main():
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="channels_last memory format, as the training scripts use by default")
     a = p.parse_args()
+    if a.threads < 0:
+        p.error("--threads must be 0 or positive")
     if a.threads:
         torch.set_num_threads(a.threads)
     spec = importlib.util.spec_from_file_location("meta_t", ROOT / "algorithms" / "meta_t.py")

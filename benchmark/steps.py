@@ -80,6 +80,8 @@ def main():
         a.steps, a.warmup, a.batch_size, a.repeat = 20, 8, 16, 1
     if a.steps % 4 or a.warmup % 4 or not 0 <= a.warmup < a.steps:
         p.error("--steps and --warmup must be multiples of 4 (the log interval), with --warmup < --steps")
+    if a.threads < 0:
+        p.error("--threads must be 0 or positive")
     common = ["--dataset", a.dataset, "--net", a.net, "--batch-size", str(a.batch_size), "--uratio", str(a.uratio),
               "--labels", str(a.labels), "--total-steps", str(a.steps), "--eval-every", str(a.steps),
               "--log-every", "4", "--workers", "0", "--seed", "0"]
@@ -89,6 +91,8 @@ def main():
     variants = [v for v in VARIANTS if (ROOT / "algorithms" / f"{v[1]}.py").exists()
                 and (not a.only or any(s in v[0] for s in a.only.split(",")))
                 and not (a.compile and "exact" in v[2])]
+    if not variants:
+        p.error(f"--only {a.only!r} matches none of: {' | '.join(v[0] for v in VARIANTS)}")
     if a.compile:  # compiled in the first steps, which --warmup leaves out
         common.append("--compile")
     best, rounds, fallback = {}, [{} for _ in range(a.repeat)], set()

@@ -48,6 +48,12 @@ def test_steps_benchmark_reports_ratios_to_fixmatch():
         assert "pure-PyTorch fallback" not in out, out
 
 
+def test_steps_benchmark_refuses_an_only_that_matches_no_variant():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmark" / "steps.py"), "--only", "fixmatch"],  # case
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "--only 'fixmatch' matches none of: FixMatch | Meta-T, exact" in proc.stderr
+
+
 @pytest.mark.parametrize("hard", [False, True])
 def test_kernel_benchmark_floor_writes_the_full_gradient(hard):
     """The floor stands for the least a differentiable masked_ce must do: one node from the logits (and tau)
