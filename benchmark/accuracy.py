@@ -36,6 +36,7 @@ CONFIGS = {
     # does the learned, per-sample threshold do better than a constant one as low?
     "fixmatch_tau05": ("fixmatch", ["--tau", "0.5"]),
     "meta_t": ("meta_t", SAME_BATCH),
+    "meta_t_jvp": ("meta_t", [*SAME_BATCH, "--meta-grad", "jvp"]),
     "meta_t_fd": ("meta_t", [*SAME_BATCH, *FIRST_ORDER]),
     "green_meta_t_fd_k4": ("meta_t", [*SAME_BATCH, *FIRST_ORDER, "--meta-interval", "4"]),
     "meta_t_jvp_cosine": ("meta_t", [*COSINE, "--meta-grad", "jvp"]),
