@@ -106,7 +106,7 @@ def parse_args(argv=None) -> Args:
     resume = parser.parse_known_args(argv)[0].resume
     if resume:  # `--resume <dir>` alone continues a run: the flags left out are the checkpoint's, except
         # those that belong to this machine and invocation
-        per_invocation = ("device", "workers", "threads", "resume", "overwrite", "stop_after")
+        per_invocation = ("device", "workers", "threads", "resume", "overwrite", "stop_after", "output_dir")
         saved = load_checkpoint(resume)["args"]
         parser.set_defaults(**{k: v for k, v in saved.items() if k in Args.__dataclass_fields__ and k not in per_invocation})
     return Args(**vars(parser.parse_args(argv)))
@@ -711,7 +711,7 @@ def train(args):
     for name in ("batch_size", "uratio", "total_steps", "eval_every", "log_every", "eval_batch_size", "image_size"):
         if not getattr(args, name) > 0:  # not `<= 0`, which NaN passes
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ("lr", "lambda_u"):  # 0 turns that part off
+    for name in ("lr", "lambda_u"):  # 0 is allowed: no update, no unlabeled loss
         if not 0 <= getattr(args, name) < math.inf:
             raise UserError(f"--{name.replace('_', '-')} must be 0 or a positive finite number, got {getattr(args, name)}")
     if not 0 < args.momentum < 1:
@@ -746,8 +746,8 @@ def train(args):
             raise UserError(f"--resume: this run's flags differ from the checkpoint's: {', '.join(differ)}")
         if ckpt["step"] >= args.total_steps:  # nothing to run; going on would overwrite its summary.json
             raise UserError(f"--resume {args.resume}: that run has finished all its {args.total_steps} steps")
-        if not args.output_dir:
-            args.output_dir = ckpt["args"]["output_dir"]
+        if not args.output_dir:  # the run's folder, wherever it is now
+            args.output_dir = str(Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent)
     out = Path(args.output_dir or f"runs/{ALGORITHM}_{args.dataset}_{args.labels}_seed{args.seed}")
     args.output_dir = str(out)
     if not ckpt and not args.overwrite and (out / "checkpoint.pt").exists():  # never lose a run by accident

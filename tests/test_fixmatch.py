@@ -209,20 +209,23 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(fixmatch, tmp_path):
     assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["step"] == 4
     with (tmp_path / "cut" / "metrics.jsonl").open("a") as f:  # a log line the interruption cut short
         f.write('{"step": 5, "kind": "tra')
-    # the flags left out are the checkpoint's (--workers is this invocation's: 0, not the default 4)
-    resumed = fixmatch.train(fixmatch.parse_args(["--resume", str(tmp_path / "cut"), "--workers", "0"]))
+    # moved, then resumed by its folder alone: the flags left out are the checkpoint's (--workers is this
+    # invocation's: 0, not the default 4), the output goes where the folder is now
+    (tmp_path / "cut").rename(tmp_path / "moved")
+    resumed = fixmatch.train(fixmatch.parse_args(["--resume", str(tmp_path / "moved"), "--workers", "0"]))
+    assert not (tmp_path / "cut").exists() and resumed["args"]["output_dir"] == str(tmp_path / "moved")
     a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
-    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "moved" / "checkpoint.pt", weights_only=False)
     assert a["step"] == b["step"] == 7 and sorted(a) == sorted(fixmatch.CHECKPOINT_KEYS)
     for (name, ta), (_, tb) in zip(state_tensors(a), state_tensors(b), strict=True):
         assert torch.equal(ta, tb), name
     assert resumed["top1"] == full["top1"]
-    steps = [json.loads(l)["step"] for l in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    steps = [json.loads(l)["step"] for l in (tmp_path / "moved" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [json.loads(l)["step"] for l in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     # a finished run has nothing to continue: refused, its summary left as it was
-    summary = (tmp_path / "cut" / "summary.json").read_text()
-    assert error_of(fixmatch, ["--resume", str(tmp_path / "cut")]).endswith("that run has finished all its 7 steps")
-    assert (tmp_path / "cut" / "summary.json").read_text() == summary
+    summary = (tmp_path / "moved" / "summary.json").read_text()
+    assert error_of(fixmatch, ["--resume", str(tmp_path / "moved")]).endswith("that run has finished all its 7 steps")
+    assert (tmp_path / "moved" / "summary.json").read_text() == summary
 
 
 def test_checkpoint_write_is_atomic(fixmatch, tmp_path, monkeypatch):
