@@ -49,7 +49,7 @@ def arg(default, help):
 class Args:
     # data
     dataset: str = arg("cifar10", "cifar10 | cifar100 | svhn | stl10 | digits | folder | synthetic")
-    data_dir: str = arg("./data", "torchvision download dir; for `folder`: holds train/<class>/* and test/<class>/*")
+    data_dir: str = arg("./data", "torchvision download dir; for `folder`: holds train/<class>/ and test/<class>/ (images at any depth)")
     labels: int = arg(40, "labeled samples, spread evenly over the classes")
     val_labels: int = arg(0, "labeled samples held out (evenly over classes) as a validation split; 0 = none")
     exclude_labeled: bool = arg(False, "keep labeled samples out of the unlabeled set (FixMatch and USB keep them in; --n1 always does)")
@@ -157,8 +157,27 @@ def load_torchvision(name, root):
     return nhwc(tr), tr.labels.astype(np.int64), nhwc(te), te.labels.astype(np.int64), nhwc(un)
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
+
+
+def image_files(folder):
+    """The images anywhere under folder, as torchvision's ImageFolder finds them (by suffix, at any depth), without
+    hidden files and folders (.DS_Store, ._* copies); sorted by path."""
+    try:
+        entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    except OSError as e:
+        raise UserError(f"cannot list {folder}: {e}") from None
+    files = []
+    for p in entries:
+        if p.is_dir():
+            files += image_files(p)
+        elif p.suffix.lower() in IMAGE_SUFFIXES:
+            files.append(p)
+    return files
+
+
 def load_folder(root, size):
-    """`root/train/<class>/*` and `root/test/<class>/*`, resized to size x size RGB, held in memory."""
+    """`root/train/<class>/**` and `root/test/<class>/**`, resized to size x size RGB, held in memory."""
     splits = []
     for split in ("train", "test"):
         d = Path(root) / split
@@ -172,11 +191,7 @@ def load_folder(root, size):
             raise UserError(f"{d} has classes {classes}, but train has {splits[0][2]}")
         images, labels = [], []
         for c, name in enumerate(classes):
-            try:  # hidden files (.DS_Store, ._*) are no images
-                files = sorted(f for f in (d / name).iterdir() if not f.name.startswith("."))
-            except OSError as e:
-                raise UserError(f"cannot list {d / name}: {e}") from None
-            for f in files:
+            for f in image_files(d / name):
                 try:
                     with Image.open(f) as im:
                         images.append(np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR)))

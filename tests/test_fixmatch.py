@@ -4,6 +4,7 @@ import ctypes
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -359,9 +360,14 @@ def test_folder_dataset(fixmatch, tmp_path):
                 "--image-size", "8")
     assert "cannot read image" in error_of(fixmatch, argv)
     (tmp_path / "data" / "train" / "red" / "broken.png").unlink()
+    # as torchvision's ImageFolder: images at any depth, other files and hidden ones left out
     (tmp_path / "data" / "train" / "red" / ".DS_Store").write_bytes(b"a file manager's, not an image")
+    (tmp_path / "data" / "train" / "red" / "notes.txt").write_text("where the images came from")
+    (tmp_path / "data" / "train" / "blue" / "more").mkdir()
+    shutil.copy(tmp_path / "data" / "train" / "blue" / "0.png", tmp_path / "data" / "train" / "blue" / "more" / "0.PNG")
     summary = fixmatch.train(fixmatch.parse_args(argv))
     assert summary["finished"] and len(summary["per_class_acc"]) == 2
+    assert json.loads((tmp_path / "run" / "split.json").read_text())["unlabeled_count"] == 13  # 6 + 6 + 1
 
 
 def test_folder_dataset_errors(fixmatch, tmp_path, monkeypatch):
