@@ -12,6 +12,7 @@ of plain PyTorch otherwise (same values, slower).
 """
 
 import argparse
+import contextlib
 import copy
 import ctypes
 import ctypes.util
@@ -21,7 +22,9 @@ import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -686,6 +689,27 @@ def reuse_freed_memory():
     return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
 
+@contextlib.contextmanager
+def deferred_stop_signals(received):
+    """Within the block, Ctrl-C (SIGINT) and SIGTERM (a scheduler's preemption) only append their name to `received`,
+    so that the training loop can finish its step and write a checkpoint before it stops; a second one stops at once."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    def handler(signum, frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 def rng_states():
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
@@ -865,76 +889,83 @@ def train(args):
     last_step = args.total_steps if args.stop_after <= 0 else min(args.total_steps, first_step + args.stop_after)
     batches = iter(loader)
     step_start = time.perf_counter()
-    for step in range(first_step + 1, last_step + 1):
-        batch = next(batches)
-        x_l, y_l = prepare(batch["x_l"]), batch["y_l"].to(device, non_blocking=True)
-        if args.labeled_only:
-            with autocast():
-                logits = forward(x_l).float()
-            loss = F.cross_entropy(logits, y_l)
-            stats = {"loss_s": loss}
-        else:
-            # labeled, weak and strong views in ONE forward: BatchNorm sees them together
-            inputs = torch.cat([x_l, prepare(batch["x_uw"]), prepare(batch["x_us"])])
-            with autocast():
-                logits = forward(inputs).float()
-            # ---- FixMatch (the part other methods change) ----
-            loss, stats, mask, pseudo_label = fixmatch_loss(logits, y_l, args)
-            # pseudo-label diagnostics; y_u = -1 where the true label is unknown
-            y_u = batch["y_u"].to(device, non_blocking=True)
-            known, correct = (y_u >= 0).float(), (pseudo_label == y_u).float()
-            stats.update(mask_rate=mask.mean(), selected=(mask * known).sum(), selected_correct=(mask * correct).sum(),
-                         known=known.sum(), correct=correct.sum())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        lr = scheduler.get_last_lr()[0]  # this step's, logged below
-        scheduler.step()
-        ema_update(ema_model, model, args.ema)
+    stop_signals = []
+    with deferred_stop_signals(stop_signals):
+        for step in range(first_step + 1, last_step + 1):
+            batch = next(batches)
+            x_l, y_l = prepare(batch["x_l"]), batch["y_l"].to(device, non_blocking=True)
+            if args.labeled_only:
+                with autocast():
+                    logits = forward(x_l).float()
+                loss = F.cross_entropy(logits, y_l)
+                stats = {"loss_s": loss}
+            else:
+                # labeled, weak and strong views in ONE forward: BatchNorm sees them together
+                inputs = torch.cat([x_l, prepare(batch["x_uw"]), prepare(batch["x_us"])])
+                with autocast():
+                    logits = forward(inputs).float()
+                # ---- FixMatch (the part other methods change) ----
+                loss, stats, mask, pseudo_label = fixmatch_loss(logits, y_l, args)
+                # pseudo-label diagnostics; y_u = -1 where the true label is unknown
+                y_u = batch["y_u"].to(device, non_blocking=True)
+                known, correct = (y_u >= 0).float(), (pseudo_label == y_u).float()
+                stats.update(mask_rate=mask.mean(), selected=(mask * known).sum(), selected_correct=(mask * correct).sum(),
+                             known=known.sum(), correct=correct.sum())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            lr = scheduler.get_last_lr()[0]  # this step's, logged below
+            scheduler.step()
+            ema_update(ema_model, model, args.ema)
 
-        # --- logging, evaluation, checkpoints ---
-        # summed on the device and read once per log interval: no host sync on the hot path
-        keys = ["loss", *stats]
-        stats = torch.stack([loss.detach(), *(v.detach().float() for v in stats.values())])
-        window = stats if window is None else window + stats
-        window_steps += 1
-        now = time.perf_counter()
-        step_seconds.append(now - step_start)
-        if step % args.log_every == 0 or step == last_step:
-            n, w = window_steps, dict(zip(keys, window.tolist()))
-            rec = {"step": step, "kind": "train", "lr": lr}
-            rec.update({k: w[k] / n for k in ("loss", "loss_s", "loss_u", "mask_rate") if k in w})
-            if "known" in w:  # accuracy of the selected pseudo-labels, and of all of them
-                rec["pseudo_label_acc"] = w["selected_correct"] / w["selected"] if w["selected"] else float("nan")
-                rec["pseudo_label_acc_all"] = w["correct"] / w["known"] if w["known"] else float("nan")
-            rate = n / (now - window_start)
-            rec["steps_per_second"] = rate
-            log(rec)
-            eta = (last_step - step) / rate
-            print(f"[{ALGORITHM}] step {step}/{args.total_steps} loss {rec['loss']:.4f}"
-                  + (f" mask {rec['mask_rate']:.3f} pl_acc {rec['pseudo_label_acc']:.3f}" if "known" in w else "")
-                  + f" lr {rec['lr']:.4f} | {rate:.2f} steps/s | ETA {eta / 60:.1f} min", flush=True)
-            window, window_steps, window_start = None, 0, time.perf_counter()
-        if step % args.eval_every == 0 or step == args.total_steps:
-            eval_result = evaluate(ema_model, test_images, test_labels, classes, args, prepare, autocast)
-            best_top1 = eval_result["top1"] if best_top1 is None else max(best_top1, eval_result["top1"])
-            rec = {"step": step, "kind": "eval", **eval_result, "best_top1": best_top1}
-            if len(val_idx):
-                val = evaluate(ema_model, torch.from_numpy(train_x[val_idx]), torch.from_numpy(labels[val_idx]),
-                               classes, args, prepare, autocast)
-                rec.update(val_top1=val["top1"], val_balanced_acc=val["balanced_acc"])
-            log(rec)
-            print(f"[{ALGORITHM}] eval step {step}: top1 {eval_result['top1']:.4f} "
-                  f"balanced {eval_result['balanced_acc']:.4f} best {best_top1:.4f}", flush=True)
-            checkpoint(step)
-        step_start = time.perf_counter()
+            # --- logging, evaluation, checkpoints ---
+            # summed on the device and read once per log interval: no host sync on the hot path
+            keys = ["loss", *stats]
+            stats = torch.stack([loss.detach(), *(v.detach().float() for v in stats.values())])
+            window = stats if window is None else window + stats
+            window_steps += 1
+            now = time.perf_counter()
+            step_seconds.append(now - step_start)
+            stopping = bool(stop_signals)  # read once: the step that sees a signal is logged, checkpointed, the last
+            if step % args.log_every == 0 or step == last_step or stopping:
+                n, w = window_steps, dict(zip(keys, window.tolist()))
+                rec = {"step": step, "kind": "train", "lr": lr}
+                rec.update({k: w[k] / n for k in ("loss", "loss_s", "loss_u", "mask_rate") if k in w})
+                if "known" in w:  # accuracy of the selected pseudo-labels, and of all of them
+                    rec["pseudo_label_acc"] = w["selected_correct"] / w["selected"] if w["selected"] else float("nan")
+                    rec["pseudo_label_acc_all"] = w["correct"] / w["known"] if w["known"] else float("nan")
+                rate = n / (now - window_start)
+                rec["steps_per_second"] = rate
+                log(rec)
+                eta = (last_step - step) / rate
+                print(f"[{ALGORITHM}] step {step}/{args.total_steps} loss {rec['loss']:.4f}"
+                      + (f" mask {rec['mask_rate']:.3f} pl_acc {rec['pseudo_label_acc']:.3f}" if "known" in w else "")
+                      + f" lr {rec['lr']:.4f} | {rate:.2f} steps/s | ETA {eta / 60:.1f} min", flush=True)
+                window, window_steps, window_start = None, 0, time.perf_counter()
+            if step % args.eval_every == 0 or step == args.total_steps:
+                eval_result = evaluate(ema_model, test_images, test_labels, classes, args, prepare, autocast)
+                best_top1 = eval_result["top1"] if best_top1 is None else max(best_top1, eval_result["top1"])
+                rec = {"step": step, "kind": "eval", **eval_result, "best_top1": best_top1}
+                if len(val_idx):
+                    val = evaluate(ema_model, torch.from_numpy(train_x[val_idx]), torch.from_numpy(labels[val_idx]),
+                                   classes, args, prepare, autocast)
+                    rec.update(val_top1=val["top1"], val_balanced_acc=val["balanced_acc"])
+                log(rec)
+                print(f"[{ALGORITHM}] eval step {step}: top1 {eval_result['top1']:.4f} "
+                      f"balanced {eval_result['balanced_acc']:.4f} best {best_top1:.4f}", flush=True)
+                checkpoint(step)
+            step_start = time.perf_counter()
+            if stopping:
+                last_step = step
+                break
     if last_step % args.eval_every and last_step != args.total_steps:
-        checkpoint(last_step)  # a planned stop: keep everything needed to resume
+        checkpoint(last_step)  # a planned stop or a signal: keep everything needed to resume
     del batches
 
     warm = step_seconds[max(10, len(step_seconds) // 10):] or step_seconds
     summary = {"algorithm": ALGORITHM, "fused_kernels": sslkernels is not None,  # else the pure-PyTorch fallback
                "steps": last_step, "finished": last_step == args.total_steps,
+               "stopped_by": stop_signals[0] if stop_signals and last_step < args.total_steps else None,
                "top1": eval_result["top1"] if eval_result else None, "best_top1": best_top1,
                "balanced_acc": eval_result["balanced_acc"] if eval_result else None,
                "per_class_acc": eval_result["per_class_acc"] if eval_result else None,
@@ -954,6 +985,10 @@ def main(argv=None):
     if summary["top1"] is not None:
         print(f"[{ALGORITHM}] final top1 {summary['top1']:.4f}, best {summary['best_top1']:.4f}, "
               f"balanced {summary['balanced_acc']:.4f}, {summary['seconds_per_step']:.4f} s/step")
+    if summary["stopped_by"]:
+        print(f"[{ALGORITHM}] {summary['stopped_by']}: stopped after step {summary['steps']} with a checkpoint; "
+              f"--resume {summary['args']['output_dir']} continues the run")
+        sys.exit(128 + signal.Signals[summary["stopped_by"]])  # the shell's code for a process ended by that signal
 
 
 if __name__ == "__main__":

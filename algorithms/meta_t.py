@@ -30,7 +30,9 @@ import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -978,6 +980,27 @@ def reuse_freed_memory():
     return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
 
+@contextlib.contextmanager
+def deferred_stop_signals(received):
+    """Within the block, Ctrl-C (SIGINT) and SIGTERM (a scheduler's preemption) only append their name to `received`,
+    so that the training loop can finish its step and write a checkpoint before it stops; a second one stops at once."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    def handler(signum, frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 def rng_states():
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
@@ -1194,116 +1217,123 @@ def train(args):
     last_step = args.total_steps if args.stop_after <= 0 else min(args.total_steps, first_step + args.stop_after)
     batches = iter(loader)
     step_start = time.perf_counter()
-    for step in range(first_step + 1, last_step + 1):
-        batch = next(batches)
-        x_l, y_l = prepare(batch["x_l"]), batch["y_l"].to(device, non_blocking=True)
-        if args.labeled_only:
-            with autocast():
-                logits = forward(x_l).float()
-            loss = F.cross_entropy(logits, y_l)
-            stats = {"loss_s": loss}
-        else:
-            # labeled, weak and strong views in ONE forward: BatchNorm sees them together
-            x_us = prepare(batch["x_us"])
-            inputs = torch.cat([x_l, prepare(batch["x_uw"]), x_us])
-            meta = (step - 1) % args.meta_interval == 0  # Algorithm 2 counts iterations t = step - 1 from 0
-            jvp = meta and args.meta_grad == "jvp"
-            forward_rng = rng_state(device) if jvp else None  # dropout masks, for the jvp pass
-            # the values the jvp pass can take from this forward (eager only: a compiled forward runs no Python ops)
-            recorded = RecordForward() if jvp and args.jvp_reuse_forward and not args.compile else None
-            with autocast(), recorded if recorded is not None else contextlib.nullcontext():
-                logits = forward(inputs).float()
-            # ---- Meta-T (the part other methods change) ----
-            n_u = len(x_us)
-            idx_u, rows = (t.to(device, non_blocking=True) for t in bank_rows(batch["idx_u"]))  # rows: batch positions
-            probs_w = torch.softmax(logits[args.batch_size:-n_u].detach(), dim=1)
-            prob_bank[idx_u] = probs_w[rows]  # before Eq. 5: pbar then holds this batch's current predictions
-            if not bank_complete:  # Eq. 5 averages the samples that have a prediction: leave out the unseen rows
-                seen[idx_u] = True
-                bank_complete = bool(seen.all())  # a host sync, only until every sample has been seen once
-            pbar = class_confidence(prob_bank if bank_complete else prob_bank[seen])[0]
-            if meta:  # bi-level step: Eqs. 8, 9 / 16; Green Meta-T skips it on the other steps
-                theta_grads, loss_meta = meta_gradient(model, tgn, logits[-n_u:], probs_w, pbar, x_l, y_l, inputs,
-                                                       scheduler.get_last_lr()[0], args, autocast, directional_derivative,
-                                                       forward_rng, recorded.values if recorded is not None else None)
-                for theta, g in zip(tgn.parameters(), theta_grads):
-                    theta.grad = g
-                meta_optimizer.step()
-                tgn_grad_norm = torch.nn.utils.get_total_norm(theta_grads)
-            with torch.no_grad():
-                tau = tgn_thresholds(tgn, probs_w, pbar)  # the updated TGN's thresholds, constants for Eq. 10
-            tau_bank[idx_u] = tau[rows]
-            loss, stats, mask, pseudo_label = meta_t_loss(logits, y_l, probs_w, tau, args)  # reuses the forward
-            # pseudo-label diagnostics; y_u = -1 where the true label is unknown
-            y_u = batch["y_u"].to(device, non_blocking=True)
-            known, correct = (y_u >= 0).float(), (pseudo_label == y_u).float()
-            selected = (mask >= 0.5).float()  # a surrogate mask selects a sample when above 1/2
-            stats.update(mask_rate=mask.mean(), selected=(selected * known).sum(),  # mask_rate: the mean weight
-                         selected_correct=(selected * correct).sum(), known=known.sum(), correct=correct.sum(),
-                         tau_mean=tau.mean(), meta_steps=loss.new_ones(()) if meta else loss.new_zeros(()),
-                         loss_meta=loss_meta if meta else loss.new_zeros(()),
-                         tgn_grad_norm=tgn_grad_norm if meta else loss.new_zeros(()),
-                         # samples whose surrogate mask still responds to tau: only they send the TGN a gradient
-                         mask_undecided=((mask > 0.01) & (mask < 0.99)).float().mean())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        lr = scheduler.get_last_lr()[0]  # this step's, logged below
-        scheduler.step()
-        ema_update(ema_model, model, args.ema)
+    stop_signals = []
+    with deferred_stop_signals(stop_signals):
+        for step in range(first_step + 1, last_step + 1):
+            batch = next(batches)
+            x_l, y_l = prepare(batch["x_l"]), batch["y_l"].to(device, non_blocking=True)
+            if args.labeled_only:
+                with autocast():
+                    logits = forward(x_l).float()
+                loss = F.cross_entropy(logits, y_l)
+                stats = {"loss_s": loss}
+            else:
+                # labeled, weak and strong views in ONE forward: BatchNorm sees them together
+                x_us = prepare(batch["x_us"])
+                inputs = torch.cat([x_l, prepare(batch["x_uw"]), x_us])
+                meta = (step - 1) % args.meta_interval == 0  # Algorithm 2 counts iterations t = step - 1 from 0
+                jvp = meta and args.meta_grad == "jvp"
+                forward_rng = rng_state(device) if jvp else None  # dropout masks, for the jvp pass
+                # the values the jvp pass can take from this forward (eager only: a compiled forward runs no Python ops)
+                recorded = RecordForward() if jvp and args.jvp_reuse_forward and not args.compile else None
+                with autocast(), recorded if recorded is not None else contextlib.nullcontext():
+                    logits = forward(inputs).float()
+                # ---- Meta-T (the part other methods change) ----
+                n_u = len(x_us)
+                idx_u, rows = (t.to(device, non_blocking=True) for t in bank_rows(batch["idx_u"]))  # rows: batch positions
+                probs_w = torch.softmax(logits[args.batch_size:-n_u].detach(), dim=1)
+                prob_bank[idx_u] = probs_w[rows]  # before Eq. 5: pbar then holds this batch's current predictions
+                if not bank_complete:  # Eq. 5 averages the samples that have a prediction: leave out the unseen rows
+                    seen[idx_u] = True
+                    bank_complete = bool(seen.all())  # a host sync, only until every sample has been seen once
+                pbar = class_confidence(prob_bank if bank_complete else prob_bank[seen])[0]
+                if meta:  # bi-level step: Eqs. 8, 9 / 16; Green Meta-T skips it on the other steps
+                    theta_grads, loss_meta = meta_gradient(model, tgn, logits[-n_u:], probs_w, pbar, x_l, y_l, inputs,
+                                                           scheduler.get_last_lr()[0], args, autocast, directional_derivative,
+                                                           forward_rng, recorded.values if recorded is not None else None)
+                    for theta, g in zip(tgn.parameters(), theta_grads):
+                        theta.grad = g
+                    meta_optimizer.step()
+                    tgn_grad_norm = torch.nn.utils.get_total_norm(theta_grads)
+                with torch.no_grad():
+                    tau = tgn_thresholds(tgn, probs_w, pbar)  # the updated TGN's thresholds, constants for Eq. 10
+                tau_bank[idx_u] = tau[rows]
+                loss, stats, mask, pseudo_label = meta_t_loss(logits, y_l, probs_w, tau, args)  # reuses the forward
+                # pseudo-label diagnostics; y_u = -1 where the true label is unknown
+                y_u = batch["y_u"].to(device, non_blocking=True)
+                known, correct = (y_u >= 0).float(), (pseudo_label == y_u).float()
+                selected = (mask >= 0.5).float()  # a surrogate mask selects a sample when above 1/2
+                stats.update(mask_rate=mask.mean(), selected=(selected * known).sum(),  # mask_rate: the mean weight
+                             selected_correct=(selected * correct).sum(), known=known.sum(), correct=correct.sum(),
+                             tau_mean=tau.mean(), meta_steps=loss.new_ones(()) if meta else loss.new_zeros(()),
+                             loss_meta=loss_meta if meta else loss.new_zeros(()),
+                             tgn_grad_norm=tgn_grad_norm if meta else loss.new_zeros(()),
+                             # samples whose surrogate mask still responds to tau: only they send the TGN a gradient
+                             mask_undecided=((mask > 0.01) & (mask < 0.99)).float().mean())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            lr = scheduler.get_last_lr()[0]  # this step's, logged below
+            scheduler.step()
+            ema_update(ema_model, model, args.ema)
 
-        # --- logging, evaluation, checkpoints ---
-        # summed on the device and read once per log interval: no host sync on the hot path
-        keys = ["loss", *stats]
-        stats = torch.stack([loss.detach(), *(v.detach().float() for v in stats.values())])
-        window = stats if window is None else window + stats
-        window_steps += 1
-        now = time.perf_counter()
-        step_seconds.append(now - step_start)
-        if step % args.log_every == 0 or step == last_step:
-            n, w = window_steps, dict(zip(keys, window.tolist()))
-            rec = {"step": step, "kind": "train", "lr": lr}
-            rec.update({k: w[k] / n for k in ("loss", "loss_s", "loss_u", "mask_rate", "tau_mean") if k in w})
-            if "known" in w:  # accuracy of the selected pseudo-labels, and of all of them
-                rec["pseudo_label_acc"] = w["selected_correct"] / w["selected"] if w["selected"] else float("nan")
-                rec["pseudo_label_acc_all"] = w["correct"] / w["known"] if w["known"] else float("nan")
-                # Meta-T's diagnostics (Figs. 4, 5): selected pseudo-labels over the interval, thresholds now
-                rec.update(selected_correct=round(w["selected_correct"]),
-                           selected_wrong=round(w["selected"] - w["selected_correct"]),
-                           meta_steps=round(w["meta_steps"]),
-                           loss_meta=w["loss_meta"] / w["meta_steps"] if w["meta_steps"] else float("nan"),
-                           tgn_grad_norm=w["tgn_grad_norm"] / w["meta_steps"] if w["meta_steps"] else float("nan"),
-                           mask_undecided=w["mask_undecided"] / n,
-                           **threshold_diagnostics(tau_bank, prob_bank))
-            rate = n / (now - window_start)
-            rec["steps_per_second"] = rate
-            log(rec)
-            eta = (last_step - step) / rate
-            print(f"[{ALGORITHM}] step {step}/{args.total_steps} loss {rec['loss']:.4f}"
-                  + (f" mask {rec['mask_rate']:.3f} pl_acc {rec['pseudo_label_acc']:.3f} tau {rec['tau_mean']:.3f}"
-                     if "known" in w else "")
-                  + f" lr {rec['lr']:.4f} | {rate:.2f} steps/s | ETA {eta / 60:.1f} min", flush=True)
-            window, window_steps, window_start = None, 0, time.perf_counter()
-        if step % args.eval_every == 0 or step == args.total_steps:
-            eval_result = evaluate(ema_model, test_images, test_labels, classes, args, prepare, autocast)
-            best_top1 = eval_result["top1"] if best_top1 is None else max(best_top1, eval_result["top1"])
-            rec = {"step": step, "kind": "eval", **eval_result, "best_top1": best_top1}
-            if len(val_idx):
-                val = evaluate(ema_model, torch.from_numpy(train_x[val_idx]), torch.from_numpy(labels[val_idx]),
-                               classes, args, prepare, autocast)
-                rec.update(val_top1=val["top1"], val_balanced_acc=val["balanced_acc"])
-            log(rec)
-            print(f"[{ALGORITHM}] eval step {step}: top1 {eval_result['top1']:.4f} "
-                  f"balanced {eval_result['balanced_acc']:.4f} best {best_top1:.4f}", flush=True)
-            checkpoint(step)
-        step_start = time.perf_counter()
+            # --- logging, evaluation, checkpoints ---
+            # summed on the device and read once per log interval: no host sync on the hot path
+            keys = ["loss", *stats]
+            stats = torch.stack([loss.detach(), *(v.detach().float() for v in stats.values())])
+            window = stats if window is None else window + stats
+            window_steps += 1
+            now = time.perf_counter()
+            step_seconds.append(now - step_start)
+            stopping = bool(stop_signals)  # read once: the step that sees a signal is logged, checkpointed, the last
+            if step % args.log_every == 0 or step == last_step or stopping:
+                n, w = window_steps, dict(zip(keys, window.tolist()))
+                rec = {"step": step, "kind": "train", "lr": lr}
+                rec.update({k: w[k] / n for k in ("loss", "loss_s", "loss_u", "mask_rate", "tau_mean") if k in w})
+                if "known" in w:  # accuracy of the selected pseudo-labels, and of all of them
+                    rec["pseudo_label_acc"] = w["selected_correct"] / w["selected"] if w["selected"] else float("nan")
+                    rec["pseudo_label_acc_all"] = w["correct"] / w["known"] if w["known"] else float("nan")
+                    # Meta-T's diagnostics (Figs. 4, 5): selected pseudo-labels over the interval, thresholds now
+                    rec.update(selected_correct=round(w["selected_correct"]),
+                               selected_wrong=round(w["selected"] - w["selected_correct"]),
+                               meta_steps=round(w["meta_steps"]),
+                               loss_meta=w["loss_meta"] / w["meta_steps"] if w["meta_steps"] else float("nan"),
+                               tgn_grad_norm=w["tgn_grad_norm"] / w["meta_steps"] if w["meta_steps"] else float("nan"),
+                               mask_undecided=w["mask_undecided"] / n,
+                               **threshold_diagnostics(tau_bank, prob_bank))
+                rate = n / (now - window_start)
+                rec["steps_per_second"] = rate
+                log(rec)
+                eta = (last_step - step) / rate
+                print(f"[{ALGORITHM}] step {step}/{args.total_steps} loss {rec['loss']:.4f}"
+                      + (f" mask {rec['mask_rate']:.3f} pl_acc {rec['pseudo_label_acc']:.3f} tau {rec['tau_mean']:.3f}"
+                         if "known" in w else "")
+                      + f" lr {rec['lr']:.4f} | {rate:.2f} steps/s | ETA {eta / 60:.1f} min", flush=True)
+                window, window_steps, window_start = None, 0, time.perf_counter()
+            if step % args.eval_every == 0 or step == args.total_steps:
+                eval_result = evaluate(ema_model, test_images, test_labels, classes, args, prepare, autocast)
+                best_top1 = eval_result["top1"] if best_top1 is None else max(best_top1, eval_result["top1"])
+                rec = {"step": step, "kind": "eval", **eval_result, "best_top1": best_top1}
+                if len(val_idx):
+                    val = evaluate(ema_model, torch.from_numpy(train_x[val_idx]), torch.from_numpy(labels[val_idx]),
+                                   classes, args, prepare, autocast)
+                    rec.update(val_top1=val["top1"], val_balanced_acc=val["balanced_acc"])
+                log(rec)
+                print(f"[{ALGORITHM}] eval step {step}: top1 {eval_result['top1']:.4f} "
+                      f"balanced {eval_result['balanced_acc']:.4f} best {best_top1:.4f}", flush=True)
+                checkpoint(step)
+            step_start = time.perf_counter()
+            if stopping:
+                last_step = step
+                break
     if last_step % args.eval_every and last_step != args.total_steps:
-        checkpoint(last_step)  # a planned stop: keep everything needed to resume
+        checkpoint(last_step)  # a planned stop or a signal: keep everything needed to resume
     del batches
 
     warm = step_seconds[max(10, len(step_seconds) // 10):] or step_seconds
     summary = {"algorithm": ALGORITHM, "fused_kernels": sslkernels is not None,  # else the pure-PyTorch fallback
                "steps": last_step, "finished": last_step == args.total_steps,
+               "stopped_by": stop_signals[0] if stop_signals and last_step < args.total_steps else None,
                "top1": eval_result["top1"] if eval_result else None, "best_top1": best_top1,
                "balanced_acc": eval_result["balanced_acc"] if eval_result else None,
                "per_class_acc": eval_result["per_class_acc"] if eval_result else None,
@@ -1325,6 +1355,10 @@ def main(argv=None):
     if summary["top1"] is not None:
         print(f"[{ALGORITHM}] final top1 {summary['top1']:.4f}, best {summary['best_top1']:.4f}, "
               f"balanced {summary['balanced_acc']:.4f}, {summary['seconds_per_step']:.4f} s/step")
+    if summary["stopped_by"]:
+        print(f"[{ALGORITHM}] {summary['stopped_by']}: stopped after step {summary['steps']} with a checkpoint; "
+              f"--resume {summary['args']['output_dir']} continues the run")
+        sys.exit(128 + signal.Signals[summary["stopped_by"]])  # the shell's code for a process ended by that signal
 
 
 if __name__ == "__main__":

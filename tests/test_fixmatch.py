@@ -5,6 +5,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -227,6 +228,33 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(fixmatch, tmp_path):
     summary = (tmp_path / "moved" / "summary.json").read_text()
     assert error_of(fixmatch, ["--resume", str(tmp_path / "moved")]).endswith("that run has finished all its 7 steps")
     assert (tmp_path / "moved" / "summary.json").read_text() == summary
+
+
+def test_ctrl_c_ends_the_step_with_a_checkpoint_that_resumes_exactly(fixmatch, tmp_path, monkeypatch):
+    common = ["--total-steps", "7", "--eval-every", "5"]
+    fixmatch.train(fixmatch.parse_args(tiny(tmp_path, *common, name="full")))
+    real_ema_update, calls, handler = fixmatch.ema_update, [], signal.getsignal(signal.SIGINT)
+
+    def ctrl_c_in_step_3(*a):
+        real_ema_update(*a)
+        calls.append(None)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(fixmatch, "ema_update", ctrl_c_in_step_3)
+    with pytest.raises(SystemExit) as stop:
+        fixmatch.main(tiny(tmp_path, *common, name="cut"))
+    monkeypatch.undo()
+    assert stop.value.code == 128 + signal.SIGINT and signal.getsignal(signal.SIGINT) is handler
+    summary = json.loads((tmp_path / "cut" / "summary.json").read_text())
+    assert summary["stopped_by"] == "SIGINT" and summary["steps"] == 3 and not summary["finished"]
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["step"] == 3
+    fixmatch.train(fixmatch.parse_args(["--resume", str(tmp_path / "cut"), "--workers", "0"]))
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    assert a["step"] == b["step"] == 7
+    for (name, ta), (_, tb) in zip(state_tensors(a), state_tensors(b), strict=True):
+        assert torch.equal(ta, tb), name
 
 
 def test_checkpoint_write_is_atomic(fixmatch, tmp_path, monkeypatch):
