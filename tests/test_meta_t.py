@@ -3,6 +3,8 @@
 import contextlib
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
 
@@ -324,6 +326,23 @@ def test_green_meta_t_runs_the_meta_step_on_every_kth_iteration(meta_t, tmp_path
                                         str(k), "--total-steps", "8", "--eval-every", "8", "--log-every", "1")))
     ran = {r["step"] for r in records(tmp_path / "run") if r["kind"] == "train" and r["meta_steps"]}
     assert ran == {step for step in range(1, 9) if (step - 1) % k == 0}  # iterations t = step - 1 = 0, 3, 6
+
+
+def test_sigterm_ends_the_step_with_a_checkpoint(meta_t, tmp_path, monkeypatch):
+    real_ema_update, calls = meta_t.ema_update, []
+
+    def sigterm_in_step_2(*a):
+        real_ema_update(*a)
+        calls.append(None)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(meta_t, "ema_update", sigterm_in_step_2)
+    summary = meta_t.train(meta_t.parse_args(tiny(tmp_path, "--meta-grad", "fd")))
+    monkeypatch.undo()
+    assert summary["stopped_by"] == "SIGTERM" and summary["steps"] == 2 and not summary["finished"]
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["step"] == 2
+    assert meta_t.train(meta_t.parse_args(["--resume", str(tmp_path / "run"), "--workers", "0"]))["finished"]
 
 
 def test_resume_is_bitwise_equal_to_an_uninterrupted_run(meta_t, tmp_path):
