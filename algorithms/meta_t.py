@@ -484,6 +484,9 @@ def worker_init(_):
     # 0.09-0.14 s per digits step instead of 0.20-0.25). os.nice is POSIX only.
     if hasattr(os, "nice"):
         os.nice(19)
+    # Ctrl-C reaches the whole process group. The training process finishes its step and then shuts the workers
+    # down; a worker that died first would fail a batch it waits for. (SIGTERM stays: the shutdown may send it.)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # ---------------------------------------------------------------------------------------------
