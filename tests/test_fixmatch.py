@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -255,6 +256,13 @@ def test_ctrl_c_ends_the_step_with_a_checkpoint_that_resumes_exactly(fixmatch, t
     assert a["step"] == b["step"] == 7
     for (name, ta), (_, tb) in zip(state_tensors(a), state_tensors(b), strict=True):
         assert torch.equal(ta, tb), name
+    received = []  # a second Ctrl-C does not wait for the step
+    with pytest.raises(KeyboardInterrupt), fixmatch.deferred_stop_signals(received):
+        os.kill(os.getpid(), signal.SIGINT)
+        assert received == ["SIGINT"]
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)  # not reached
+    assert signal.getsignal(signal.SIGINT) is handler
 
 
 def test_checkpoint_write_is_atomic(fixmatch, tmp_path, monkeypatch):
