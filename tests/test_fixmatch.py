@@ -37,6 +37,7 @@ def tiny(tmp_path, *extra, name="run"):
     ["--n1", "12", "--m1", "30", "--gamma-l", "4", "--gamma-u", "4"],
     ["--workers", "2", "--tensorboard"],
     ["--no-channels-last", "--net", "wrn28_2", "--total-steps", "2"],
+    ["--compile", "--total-steps", "2"],
 ])
 def test_code_paths_run_and_write_outputs(fixmatch, tmp_path, extra):
     summary = fixmatch.train(fixmatch.parse_args(tiny(tmp_path, *extra)))
