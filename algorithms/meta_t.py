@@ -131,7 +131,7 @@ def parse_args(argv=None) -> Args:
     if resume:  # `--resume <dir>` alone continues a run: the flags left out are the checkpoint's, except
         # those that belong to this machine and invocation
         per_invocation = ("device", "workers", "threads", "resume", "overwrite", "stop_after", "output_dir")
-        saved = load_checkpoint(resume)["args"]
+        saved = load_checkpoint(resume, mmap=True)["args"]  # train() loads the tensors
         parser.set_defaults(**{k: v for k, v in saved.items() if k in Args.__dataclass_fields__ and k not in per_invocation})
     return Args(**vars(parser.parse_args(argv)))
 
@@ -942,13 +942,13 @@ def save_checkpoint(path, state):
     os.replace(tmp, path)
 
 
-def load_checkpoint(where):
+def load_checkpoint(where, mmap=False):
     path = Path(where)
     path = path / "checkpoint.pt" if path.is_dir() else path
     if not path.is_file():
         raise UserError(f"--resume {where!r}: no checkpoint file there")
-    try:  # weights_only=False: our own file, which also holds the RNG states
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    try:  # weights_only=False: our own file, which also holds the RNG states; mmap: tensors read only when used
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
         if not isinstance(ckpt, dict):
             raise ValueError("not a dict")
         if ckpt.get("algorithm", ALGORITHM) != ALGORITHM:
@@ -1027,10 +1027,8 @@ RESUME_MAY_DIFFER = ("data_dir", "device", "workers", "threads", "eval_every", "
 # ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
-def train(args):
-    # --- validate and set up ---
-    if args.device == "":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+def check_flags(args):
+    """Stops a run with bad flags here, each with one line (UserError), before anything is loaded or written."""
     try:
         device = torch.device(args.device)
     except RuntimeError:  # not a device string at all
@@ -1071,6 +1069,14 @@ def train(args):
         raise UserError(f"--seed must be in [0, 2^32), got {args.seed}")
     if not 0 <= args.ema <= 1:
         raise UserError(f"--ema is a decay in [0, 1], got {args.ema}")
+
+
+def train(args):
+    # --- validate and set up ---
+    if args.device == "":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    check_flags(args)
+    device = torch.device(args.device)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     if device.type == "cpu":
