@@ -470,7 +470,7 @@ void class_confidence_cuda(const at::Tensor& probs, at::Tensor& mean, at::Tensor
   const int64_t M = probs.size(0), C = probs.size(1);
   TORCH_CHECK_VALUE(M < std::numeric_limits<int32_t>::max() && C < std::numeric_limits<int32_t>::max(),
                     "sslkernels.class_confidence: probs is too large for the CUDA kernel, got shape ",
-                    probs.sizes());
+                    shape_string(probs));
   const c10::cuda::CUDAGuard guard(probs.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int device = probs.get_device();

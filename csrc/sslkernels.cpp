@@ -19,6 +19,7 @@
 
 #include <cmath>
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include "sslkernels.h"
@@ -60,19 +61,19 @@ at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDo
 // A 2-D floating tensor with at least one column.
 void check_matrix(const Tensor& t, const char* op, const char* name) {
   TORCH_CHECK_VALUE(t.dim() == 2, "sslkernels.", op, ": ", name,
-                    " must be a 2-D (N, C) tensor, got shape ", t.sizes());
+                    " must be a 2-D (N, C) tensor, got shape ", shape_string(t));
   TORCH_CHECK_TYPE(is_supported_float(t.scalar_type()), "sslkernels.", op, ": ", name,
                    " must be float16, bfloat16, float32 or float64, got ", t.scalar_type());
   TORCH_CHECK_VALUE(t.size(1) >= 1, "sslkernels.", op, ": ", name,
-                    " must have at least one class (C >= 1), got shape ", t.sizes());
+                    " must have at least one class (C >= 1), got shape ", shape_string(t));
 }
 
 // `other` must match `ref` in shape, dtype and device.
 void check_like(const Tensor& other, const Tensor& ref, const char* op, const char* name,
                 const char* ref_name) {
   TORCH_CHECK_VALUE(other.dim() == 2 && other.sizes() == ref.sizes(), "sslkernels.", op, ": ",
-                    name, " must have the shape of ", ref_name, " ", ref.sizes(), ", got ",
-                    other.sizes());
+                    name, " must have the shape of ", ref_name, " ", shape_string(ref), ", got ",
+                    shape_string(other));
   TORCH_CHECK_TYPE(other.scalar_type() == ref.scalar_type(), "sslkernels.", op, ": ", name,
                    " must have the dtype of ", ref_name, " (", ref.scalar_type(), "), got ",
                    other.scalar_type());
@@ -101,14 +102,14 @@ Tensor prepare_tau(const std::optional<Tensor>& tau, const Tensor& logits, at::S
   check_device(t, logits, "masked_ce", "tau");
   TORCH_CHECK_VALUE(t.dim() == 0 || (t.dim() == 1 && t.size(0) == N),
                     "sslkernels.masked_ce: tau must be a float, a 0-dim tensor or a 1-D tensor of "
-                    "length N = ", N, " (one threshold per sample), got shape ", t.sizes());
+                    "length N = ", std::to_string(N), " (one threshold per sample), got shape ", shape_string(t));
   return t.to(acc);
 }
 
 void check_beta(double beta) {
   TORCH_CHECK_VALUE(!std::isnan(beta) && beta >= 0,
                     "sslkernels.masked_ce: beta must be >= 0 (math.inf for the hard mask), got ",
-                    beta);
+                    number_string(beta));
 }
 
 #ifndef SSLKERNELS_WITH_CUDA
@@ -205,8 +206,8 @@ std::tuple<Tensor, Tensor> masked_ce_backward_impl(
     const int64_t C = logits_s.size(1);
     const int64_t* y = p.const_data_ptr<int64_t>();
     for (int64_t i = 0; i < N; ++i)
-      TORCH_CHECK_VALUE(y[i] >= 0 && y[i] < C, "sslkernels.masked_ce_backward: pseudo_label[", i,
-                        "] = ", y[i], " is not a class index in [0, C = ", C, ")");
+      TORCH_CHECK_VALUE(y[i] >= 0 && y[i] < C, "sslkernels.masked_ce_backward: pseudo_label[", std::to_string(i),
+                        "] = ", std::to_string(y[i]), " is not a class index in [0, C = ", std::to_string(C), ")");
   }
   if (logits_s.is_cuda()) {
 #ifdef SSLKERNELS_WITH_CUDA
@@ -244,9 +245,9 @@ Tensor fd_pseudo_label_impl(const Tensor& logits_plus, const Tensor& logits_minu
   check_like(logits_plus, y_tilde, "fd_pseudo_label", "logits_plus", "y_tilde");
   check_like(logits_minus, y_tilde, "fd_pseudo_label", "logits_minus", "y_tilde");
   TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0,
-                    "sslkernels.fd_pseudo_label: eps must be a finite number > 0, got ", eps);
+                    "sslkernels.fd_pseudo_label: eps must be a finite number > 0, got ", number_string(eps));
   TORCH_CHECK_VALUE(std::isfinite(step), "sslkernels.fd_pseudo_label: step must be finite, got ",
-                    step);
+                    number_string(step));
   Tensor y_hat = at::empty(y_tilde.sizes(), y_tilde.options());
   const Tensor a = unit_inner_stride(logits_plus), b = unit_inner_stride(logits_minus);
   const Tensor y = unit_inner_stride(y_tilde);

@@ -11,8 +11,26 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <cstdio>
+#include <string>
 
 namespace sslkernels {
+
+// Numbers and shapes in error messages are formatted with these, never streamed into TORCH_CHECK's
+// message: on an H200 machine (torch 2.11, GCC 13.3, the system libstdc++), any std::ostream number
+// formatting compiled into an extension -- an integer, a double or t.sizes() in a message, even a
+// plain `std::ostringstream o; o << 42;` -- crashed the process with SIGSEGV, while messages made of
+// strings, dtypes and devices raised normally.
+inline std::string number_string(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.9g", v);
+  return buf;
+}
+inline std::string shape_string(const at::Tensor& t) {
+  std::string out = "[";
+  for (int64_t d = 0; d < t.dim(); ++d) out += (d ? ", " : "") + std::to_string(t.size(d));
+  return out + "]";
+}
 
 // Rows per chunk and chunk count for class_confidence. Both depend only on (M, C), never on
 // the number of threads or on the device, so the summation order (and therefore every bit of
