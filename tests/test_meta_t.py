@@ -98,7 +98,7 @@ def test_steps_with_frozen_tgn_and_hard_mask_equal_fixmatch_steps(meta_t, tmp_pa
     fixmatch = load_algorithm("fixmatch")
     monkeypatch.setattr(meta_t, "tgn_thresholds", lambda tgn, probs_w, pbar: torch.full_like(probs_w[:, 0], 0.95))
     monkeypatch.setattr(meta_t, "meta_gradient", lambda model, tgn, *rest, **kw: (
-        [torch.zeros_like(p) for p in tgn.parameters()], torch.zeros(())))
+        [torch.zeros_like(p) for p in tgn.parameters()], next(tgn.parameters()).new_zeros(())))
     for module in (fixmatch, meta_t):  # the schedules differ (cosine, step decay): hold the lr constant
         make = module.make_optimizer
         monkeypatch.setattr(module, "make_optimizer", lambda model, args, make=make: (
@@ -303,10 +303,21 @@ def test_compile_compiles_the_forward_mode_pass_and_keeps_the_gradient(meta_t, t
     try:
         summary = meta_t.train(meta_t.parse_args(tiny(
             tmp_path, "--meta-grad", "jvp", "--compile", "--labels", "40", "--batch-size", "64", "--uratio", "7",
-            "--total-steps", "2", "--threads", "1")))
+            "--total-steps", "2", "--threads", "1", "--device", "cpu")))
     finally:
         torch.set_num_threads(threads)
     assert meta_t.strong_view_directional_derivative in compiled_functions and summary["steps"] == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_compile_under_cuda_bf16_runs_the_forward_mode_pass_eagerly(meta_t, tmp_path, monkeypatch):
+    # torch 2.11 traced the compiled pass under bf16 autocast into a float32 x bfloat16 matmul that failed
+    compiled_functions, real_compile = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled_functions.append(fn) or real_compile(fn, **kw))
+    summary = meta_t.train(meta_t.parse_args(tiny(
+        tmp_path, "--meta-grad", "jvp", "--compile", "--labels", "40", "--batch-size", "64", "--uratio", "7",
+        "--total-steps", "2", "--device", "cuda", "--bf16")))
+    assert meta_t.strong_view_directional_derivative not in compiled_functions and summary["steps"] == 2
 
 
 @pytest.mark.parametrize("mode", [("exact", "w_hat"), ("jvp", "w_hat"), ("fd", "w_hat"), ("fd", "w")])
