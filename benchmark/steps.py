@@ -62,6 +62,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dataset", default="synthetic", help="any --dataset of the scripts (synthetic: generated)")
+    p.add_argument("--data-dir", default="", help="--data-dir of every run (--dataset folder, the torchvision datasets)")
     p.add_argument("--net", default="cnn_small", help="network of every run")
     p.add_argument("--batch-size", type=int, default=64, help="labeled batch size B of every run")
     p.add_argument("--uratio", type=int, default=7, help="mu of every run")
@@ -85,6 +86,8 @@ def main():
     common = ["--dataset", a.dataset, "--net", a.net, "--batch-size", str(a.batch_size), "--uratio", str(a.uratio),
               "--labels", str(a.labels), "--total-steps", str(a.steps), "--eval-every", str(a.steps),
               "--log-every", "4", "--workers", "0", "--seed", "0"]
+    if a.data_dir:
+        common += ["--data-dir", a.data_dir]
     print(f"{a.dataset}, {a.net}, B = {a.batch_size}, mu = {a.uratio}, {a.steps} steps ({a.warmup} warm-up), "
           f"{'real' if a.augment else 'identity'} augmentations, {a.threads or 'default'} torch threads, "
           f"best of {a.repeat}")
