@@ -76,6 +76,8 @@ def main():
     p.add_argument("--compile", action="store_true",
                    help="pass --compile to every run (skips the double-backward variants, which it does not support)")
     p.add_argument("--only", default="", help="comma-separated substrings: run only the variants whose label has one")
+    p.add_argument("--extra", default="",
+                   help="more flags for every run, as one string after '=': --extra=\"--no-bf16 --no-torch-deterministic\"")
     a = p.parse_args()
     if a.quick:
         a.steps, a.warmup, a.batch_size, a.repeat = 20, 8, 16, 1
@@ -88,6 +90,7 @@ def main():
               "--log-every", "4", "--workers", "0", "--seed", "0"]
     if a.data_dir:
         common += ["--data-dir", a.data_dir]
+    common += a.extra.split()
     print(f"{a.dataset}, {a.net}, B = {a.batch_size}, mu = {a.uratio}, {a.steps} steps ({a.warmup} warm-up), "
           f"{'real' if a.augment else 'identity'} augmentations, {a.threads or 'default'} torch threads, "
           f"best of {a.repeat}")

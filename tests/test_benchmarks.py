@@ -54,6 +54,17 @@ def test_steps_benchmark_refuses_an_only_that_matches_no_variant():
     assert proc.returncode == 2 and "--only 'fixmatch' matches none of: FixMatch | Meta-T, exact" in proc.stderr
 
 
+def test_steps_benchmark_hands_data_dir_and_extra_flags_to_every_run(tmp_path):
+    # each run fails at once, and its error names what steps.py handed it
+    def first_failure(*flags):
+        proc = subprocess.run([sys.executable, str(ROOT / "benchmark" / "steps.py"), "--quick", "--only", "FixMatch",
+                               *flags], capture_output=True, text=True, timeout=300)
+        assert proc.returncode != 0
+        return proc.stderr
+    assert "unrecognized arguments: --no-such-flag" in first_failure("--extra=--no-such-flag")
+    assert str(tmp_path / "absent") in first_failure("--dataset", "folder", "--data-dir", str(tmp_path / "absent"))
+
+
 @pytest.mark.parametrize("hard", [False, True])
 def test_kernel_benchmark_floor_writes_the_full_gradient(hard):
     """The floor stands for the least a differentiable masked_ce must do: one node from the logits (and tau)
