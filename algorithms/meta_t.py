@@ -110,7 +110,7 @@ class Args:
     stop_after: int = arg(0, "stop after this many steps of this invocation (a planned interruption; resume later); 0 = never")
     channels_last: bool = arg(True, "channels_last memory format (faster convolutions on CUDA and CPU)")
     bf16: bool = arg(True, "bfloat16 autocast for the forward passes (CUDA only)")
-    compile: bool = arg(False, "torch.compile the training forward (and the forward-mode pass of --meta-grad jvp, without --bf16)")
+    compile: bool = arg(False, "torch.compile the training forward (and the forward-mode pass of --meta-grad jvp, but not under bf16 on CUDA)")
     tensorboard: bool = arg(False, "also write TensorBoard logs to the output dir")
 
 
