@@ -1,6 +1,7 @@
 """Shared test helpers: the algorithm files are standalone scripts, so tests load them by path."""
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -27,6 +28,19 @@ def error_of(algorithm, argv):
     msg = str(e.value.code)
     assert msg.startswith(f"{algorithm.ALGORITHM}.py: error: ") and "\n" not in msg
     return msg
+
+
+def signal_in_step(algorithm, monkeypatch, signum, step):
+    """Make the training loop send itself `signum` in step `step` (at its EMA update, the step's last op)."""
+    real_ema_update, calls = algorithm.ema_update, []
+
+    def ema_update_then_signal(*a):
+        real_ema_update(*a)
+        calls.append(None)
+        if len(calls) == step:
+            os.kill(os.getpid(), signum)
+
+    monkeypatch.setattr(algorithm, "ema_update", ema_update_then_signal)
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, error_of
+from conftest import ROOT, error_of, signal_in_step
 
 try:
     import sslkernels
@@ -235,15 +235,8 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(fixmatch, tmp_path):
 def test_ctrl_c_ends_the_step_with_a_checkpoint_that_resumes_exactly(fixmatch, tmp_path, monkeypatch):
     common = ["--total-steps", "7", "--eval-every", "5"]
     fixmatch.train(fixmatch.parse_args(tiny(tmp_path, *common, name="full")))
-    real_ema_update, calls, handler = fixmatch.ema_update, [], signal.getsignal(signal.SIGINT)
-
-    def ctrl_c_in_step_3(*a):
-        real_ema_update(*a)
-        calls.append(None)
-        if len(calls) == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(fixmatch, "ema_update", ctrl_c_in_step_3)
+    handler = signal.getsignal(signal.SIGINT)
+    signal_in_step(fixmatch, monkeypatch, signal.SIGINT, 3)  # Ctrl-C in step 3
     with pytest.raises(SystemExit) as stop:
         fixmatch.main(tiny(tmp_path, *common, name="cut"))
     monkeypatch.undo()

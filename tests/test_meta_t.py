@@ -3,7 +3,6 @@
 import contextlib
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad
 
-from conftest import ROOT, error_of, load_algorithm
+from conftest import ROOT, error_of, load_algorithm, signal_in_step
 
 
 @pytest.fixture(scope="session")
@@ -340,15 +339,7 @@ def test_green_meta_t_runs_the_meta_step_on_every_kth_iteration(meta_t, tmp_path
 
 
 def test_sigterm_ends_the_step_with_a_checkpoint(meta_t, tmp_path, monkeypatch):
-    real_ema_update, calls = meta_t.ema_update, []
-
-    def sigterm_in_step_2(*a):
-        real_ema_update(*a)
-        calls.append(None)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(meta_t, "ema_update", sigterm_in_step_2)
+    signal_in_step(meta_t, monkeypatch, signal.SIGTERM, 2)
     summary = meta_t.train(meta_t.parse_args(tiny(tmp_path, "--meta-grad", "fd")))
     monkeypatch.undo()
     assert summary["stopped_by"] == "SIGTERM" and summary["steps"] == 2 and not summary["finished"]
