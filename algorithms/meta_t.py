@@ -448,6 +448,15 @@ def sample_indices(n, count, step, seed, stream):
     return out
 
 
+def augmentation_rng(seed, step):
+    """The random.Random that augments step `step`'s batch: seeded from (seed, step) alone, with a key that no
+    other (seed, step) shares (steps below 2^64). Before step 1_000_003 the key is seed * 1_000_003 + step, as
+    it always was, so that earlier runs repeat; from there on (the default T = 2^20 gets there) that key would
+    repeat seed + 1's first steps, so it is 2^96 + seed * 2^64 + step, above every key of the first kind."""
+    key = seed * 1_000_003 + step if step < 1_000_003 else 2**96 + (seed << 64) + step
+    return random.Random(key)
+
+
 class TrainBatches(torch.utils.data.Dataset):
     """Item t is the whole training batch of step t (labeled weak view, unlabeled weak and strong
     views), computed from (seed, t) alone."""
@@ -466,7 +475,7 @@ class TrainBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         a, step = self.args, self.first_step + i
-        rng = random.Random(a.seed * 1_000_003 + step)
+        rng = augmentation_rng(a.seed, step)
         lab = self.labeled_idx[sample_indices(len(self.labeled_idx), a.batch_size, step, a.seed, 0)]
         batch = {"x_l": self._views(lab, rng, weak_augment), "y_l": torch.from_numpy(self.labels[lab])}
         if not a.labeled_only:
