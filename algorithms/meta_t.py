@@ -75,7 +75,7 @@ class Args:
     # model and optimisation
     net: str = arg("", "wrn28_2 | wrn28_8 | wrn37_2 | convlarge | cnn_small; empty = the dataset's default")
     batch_size: int = arg(32, "labeled batch size B (also the meta-data batch)")
-    uratio: int = arg(6, "mu: the unlabeled batch holds mu * B samples")
+    uratio: int = arg(0, "mu: the unlabeled batch holds mu * B samples; 0 = Table 6's: 6 (192), 4 (128) for stl10")
     lr: float = arg(0.03, "SGD learning rate")
     lr_schedule: str = arg("step", "step: lr / 10 at each of --lr-milestones (Table 6) | cosine: FixMatch's (the paper's Fig. 4, Setting 2)")
     lr_milestones: str = arg("1/3,2/3", "fractions of --total-steps where the step schedule divides the lr by 10 (Table 6: epochs 100 and 200 of 300)")
@@ -149,6 +149,8 @@ DATASETS = {
     "folder": (0, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "wrn28_2", 5e-4, True),
     "synthetic": (4, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "cnn_small", 5e-4, True),
 }
+# Table 6's unlabeled batch is 6 * 32 = 192, except STL-10's 4 * 32 = 128: the default --uratio
+TABLE6_URATIO = {"stl10": 4}
 
 
 def load_torchvision(name, root):
@@ -1084,6 +1086,7 @@ def train(args):
     # --- validate and set up ---
     if args.device == "":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.uratio = args.uratio or TABLE6_URATIO.get(args.dataset, 6)
     check_flags(args)
     device = torch.device(args.device)
     if args.threads > 0:

@@ -381,6 +381,21 @@ def test_lr_is_divided_by_10_at_one_and_two_thirds(meta_t):
     assert [decay(t) for t in (0, 102399, 102400, 204799)] == [1, 1, 0.1, 0.1] and math.isclose(decay(204800), 0.01)
 
 
+@pytest.mark.parametrize("dataset, flags, mu", [("cifar10", [], 6), ("cifar100", [], 6), ("svhn", [], 6),
+                                               ("stl10", [], 4), ("stl10", ["--uratio", "3"], 3)])
+def test_default_unlabeled_batch_is_table_6s(meta_t, tmp_path, monkeypatch, dataset, flags, mu):
+    seen = []
+
+    def record_and_stop(args):  # the data would need a download
+        seen.append(args.uratio)
+        raise meta_t.UserError("stop here")
+
+    monkeypatch.setattr(meta_t, "load_data", record_and_stop)
+    with pytest.raises(meta_t.UserError, match="stop here"):
+        meta_t.train(meta_t.parse_args(["--dataset", dataset, "--device", "cpu", "--output-dir", str(tmp_path), *flags]))
+    assert seen == [mu]
+
+
 def test_cosine_schedule_is_fixmatchs(meta_t):
     fixmatch = load_algorithm("fixmatch")
     model, flags = meta_t.SmallCNN(1, 10), ["--total-steps", "3000"]
