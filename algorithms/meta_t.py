@@ -950,6 +950,19 @@ def save_checkpoint(path, state):
     """Write to a temporary file, then rename: an interruption never leaves a broken checkpoint."""
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
+    sync_and_rename(tmp, path)
+
+
+def write_text_atomically(path, text):
+    """The checkpoint's way for the text files that are rewritten: split.json, summary.json, metrics.jsonl on resume."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    sync_and_rename(tmp, path)
+
+
+def sync_and_rename(tmp, path):
+    with open(tmp, "rb+") as f:  # on disk before the rename: a machine that crashes keeps the old file or the new one
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -1015,17 +1028,21 @@ def deferred_stop_signals(received):
             signal.signal(s, h)
 
 
-def rng_states():
+def rng_states(device):
+    """The RNGs a run draws from: the CUDA one of its own device only, so that it resumes on any machine."""
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
-def set_rng_states(s):
+def set_rng_states(s, device):
     random.setstate(s["python"])
     np.random.set_state(s["numpy"])
     torch.set_rng_state(s["torch"])
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+    cuda = s["cuda"]
+    if isinstance(cuda, list):  # an older checkpoint: one state per visible GPU, the run's at its device's index
+        cuda = cuda[device.index or 0] if device.type == "cuda" and (device.index or 0) < len(cuda) else None
+    if cuda is not None and device.type == "cuda":  # a CPU run resumed on a GPU keeps the seeded CUDA generator
+        torch.cuda.set_rng_state(cuda, device)
 
 
 # Flags that only say where and how fast a run goes. Every other flag defines what is trained: resuming with a
@@ -1097,9 +1114,10 @@ def train(args):
         raise UserError(f"unknown --dataset {args.dataset!r}; choose one of {', '.join(DATASETS)}")
     _, mean, std, default_net, default_wd, flip = DATASETS[args.dataset]
     args.net = args.net or default_net
-    args.weight_decay = default_wd if args.weight_decay < 0 else args.weight_decay
-    if not args.weight_decay < math.inf:  # NaN included
-        raise UserError(f"--weight-decay must be finite, got {args.weight_decay}")
+    args.weight_decay = default_wd if args.weight_decay == -1 else args.weight_decay
+    if not 0 <= args.weight_decay < math.inf:  # NaN included
+        raise UserError(f"--weight-decay must be -1 (the dataset's default), 0 or a positive finite number, "
+                        f"got {args.weight_decay}")
     if args.net not in NETS:
         raise UserError(f"unknown --net {args.net!r}; choose one of {', '.join(NETS)}")
     ckpt = load_checkpoint(args.resume) if args.resume else None
@@ -1110,13 +1128,17 @@ def train(args):
             raise UserError(f"--resume: this run's flags differ from the checkpoint's: {', '.join(differ)}")
         if ckpt["step"] >= args.total_steps:  # nothing to run; going on would overwrite its summary.json
             raise UserError(f"--resume {args.resume}: that run has finished all its {args.total_steps} steps")
-        if not args.output_dir:  # the run's folder, wherever it is now
-            args.output_dir = str(Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent)
+        run_dir = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
+        args.output_dir = args.output_dir or str(run_dir)  # the run's folder, wherever it is now
     out = Path(args.output_dir or f"runs/{ALGORITHM}_{args.dataset}_{args.labels}_seed{args.seed}")
     args.output_dir = str(out)
     if not ckpt and not args.overwrite and (out / "checkpoint.pt").exists():  # never lose a run by accident
         raise UserError(f"{out} holds an earlier run's checkpoint: --resume {out} continues it, --overwrite replaces "
                         "it with this run, or choose another --output-dir")
+    moved = ckpt is not None and out.resolve() != run_dir.resolve()  # resumed into another folder
+    if moved and not args.overwrite and (out / "checkpoint.pt").exists():
+        raise UserError(f"--output-dir {out} holds another run's checkpoint, which continuing --resume {args.resume} "
+                        "there would replace: --overwrite replaces it, or choose another --output-dir")
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -1133,10 +1155,13 @@ def train(args):
     if len(unlabeled_idx) == 0 and not args.labeled_only:
         raise UserError("no training sample is left for the unlabeled set: use fewer --labels / --val-labels, no "
                         "--exclude-labeled, or --labeled-only")
+    split = {"labeled": labeled_idx.tolist(), "validation": val_idx.tolist(), "unlabeled_count": len(unlabeled_idx)}
+    if ckpt and (run_dir / "split.json").is_file() and json.loads((run_dir / "split.json").read_text()) != split:
+        raise UserError(f"--resume {args.resume}: the data has changed since that run began (its labeled, validation "
+                        f"or unlabeled set differs from {run_dir / 'split.json'}); resume it on the same data")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "split.json").write_text(json.dumps({
-            "labeled": labeled_idx.tolist(), "validation": val_idx.tolist(), "unlabeled_count": len(unlabeled_idx)}))
+        write_text_atomically(out / "split.json", json.dumps(split))
     except OSError as e:
         raise UserError(f"cannot write to --output-dir {out}: {e.strerror or e}") from None
 
@@ -1194,15 +1219,18 @@ def train(args):
         meta_optimizer.load_state_dict(ckpt["meta_optimizer"])
         prob_bank.copy_(ckpt["prob_bank"])
         tau_bank.copy_(ckpt["tau_bank"])
-        set_rng_states(ckpt["rng"])
+        set_rng_states(ckpt["rng"], device)
         best_top1, seconds_before = ckpt["best_top1"], ckpt["seconds"]
     seen = ~tau_bank.isnan()  # the samples with a prediction in the bank (every step sets the threshold of its own)
     bank_complete = bool(seen.all())
     metrics_path = out / "metrics.jsonl"
-    if ckpt and metrics_path.exists():  # drop records written after the checkpoint by the interrupted run
-        keep = [l for l in metrics_path.read_text().splitlines() if logged_step(l) <= first_step]
-        metrics_path.write_text("".join(l + "\n" for l in keep))
-    elif not ckpt:  # a fresh run (with --overwrite where an earlier one was): nothing of another run stays beside it
+    if ckpt:  # the run's records up to its checkpoint (the interrupted run may have logged later steps)
+        logged = run_dir / "metrics.jsonl"
+        keep = [l for l in logged.read_text().splitlines() if logged_step(l) <= first_step] if logged.exists() else []
+        write_text_atomically(metrics_path, "".join(l + "\n" for l in keep))
+        if moved:  # with --overwrite: no summary of the replaced run beside this one's records
+            (out / "summary.json").unlink(missing_ok=True)
+    else:  # a fresh run (with --overwrite where an earlier one was): nothing of another run stays beside it
         metrics_path.write_text("")
         for earlier in ("checkpoint.pt", "summary.json"):
             (out / earlier).unlink(missing_ok=True)
@@ -1225,7 +1253,7 @@ def train(args):
     def checkpoint(step):
         save_checkpoint(out / "checkpoint.pt", {
             "algorithm": ALGORITHM, "step": step, "model": model.state_dict(), "ema_model": ema_model.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states(device),
             "tgn": tgn.state_dict(), "meta_optimizer": meta_optimizer.state_dict(),
             "prob_bank": prob_bank, "tau_bank": tau_bank,
             "best_top1": best_top1, "seconds": seconds_before + time.perf_counter() - start_time,
@@ -1362,7 +1390,7 @@ def train(args):
                "per_class_acc": eval_result["per_class_acc"] if eval_result else None,
                "seconds": seconds_before + time.perf_counter() - start_time,
                "seconds_per_step": float(np.median(warm)) if warm else None, "args": dataclasses.asdict(args)}
-    (out / "summary.json").write_text(json.dumps(json_safe(summary), indent=2))
+    write_text_atomically(out / "summary.json", json.dumps(json_safe(summary), indent=2))
     if args.plots:
         plot_diagnostics(metrics_path, out)
     if writer:

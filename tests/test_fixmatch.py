@@ -286,6 +286,40 @@ def test_checkpoint_write_is_atomic(fixmatch, tmp_path, monkeypatch):
     assert torch.equal(torch.load(path)["model"]["w"], torch.ones(2))
 
 
+@pytest.mark.parametrize("name", ["fixmatch", "meta_t"])
+def test_rewritten_text_files_are_atomic(name, tmp_path, monkeypatch):
+    algorithm = load_algorithm(name)
+    path = tmp_path / "summary.json"
+    algorithm.write_text_atomically(path, "the earlier summary")
+    real_write_text = type(path).write_text
+
+    def crash(self, text, *a, **kw):
+        real_write_text(self, text[:3])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(type(path), "write_text", crash)
+    with pytest.raises(KeyboardInterrupt):
+        algorithm.write_text_atomically(path, "the new summary")
+    assert path.read_text() == "the earlier summary"
+
+
+@pytest.mark.parametrize("name", ["fixmatch", "meta_t"])
+def test_checkpoints_hold_the_cuda_generator_of_the_runs_device_only(name, monkeypatch):
+    algorithm, restored = load_algorithm(name), []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: f"state of {device}")
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((state, str(device))))
+    cuda1 = torch.device("cuda:1")
+    saved = algorithm.rng_states(cuda1)
+    assert saved["cuda"] == "state of cuda:1" and algorithm.rng_states(torch.device("cpu"))["cuda"] is None
+    algorithm.set_rng_states(saved, cuda1)
+    # older checkpoints held one state per visible GPU: the run's device's is restored where it is in the list;
+    # resumed where fewer GPUs are visible (this used to fail inside torch), the CUDA generator stays as seeded
+    algorithm.set_rng_states({**saved, "cuda": ["of gpu 0", "of gpu 1"]}, cuda1)
+    algorithm.set_rng_states({**saved, "cuda": ["of gpu 0"]}, cuda1)
+    algorithm.set_rng_states({**saved, "cuda": []}, torch.device("cpu"))
+    assert restored == [("state of cuda:1", "cuda:1"), ("of gpu 1", "cuda:1")]
+
+
 def test_device_errors_get_one_clear_line(fixmatch, tmp_path, monkeypatch):
     for device in ("foo", "mps", "cuda:-1"):  # mps: this file handles the RNGs of the CPU and CUDA only
         assert "--device must be cpu, cuda or cuda:<index>" in error_of(fixmatch, tiny(tmp_path, "--device", device))
@@ -314,7 +348,8 @@ def test_bad_input_gets_one_clear_line(fixmatch, tmp_path):
         (("--lr", "-1"), "--lr must be 0 or a positive finite number"),
         (("--lambda-u", "inf"), "--lambda-u must be 0 or a positive finite number"),
         (("--momentum", "0"), "--momentum must be in (0, 1)"),
-        (("--weight-decay", "nan"), "--weight-decay must be finite"),
+        (("--weight-decay", "nan"), "--weight-decay must be -1 (the dataset's default), 0 or a positive finite"),
+        (("--weight-decay", "-0.5"), "--weight-decay must be -1 (the dataset's default), 0 or a positive finite"),
         (("--tau", "nan"), "--tau must be a number"),
         (("--val-labels", "-4"), "0 or a positive multiple"),
         # the imbalanced split needs both sizes: --n1 alone used to leave no unlabeled data beyond the labeled
@@ -448,6 +483,47 @@ def test_a_fresh_run_never_replaces_another_runs_checkpoint_unasked(fixmatch, tm
     with pytest.raises(KeyboardInterrupt):
         fixmatch.train(fixmatch.parse_args(tiny(tmp_path, "--seed", "2", "--stop-after", "1", "--overwrite")))
     assert not (tmp_path / "run" / "checkpoint.pt").exists() and not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_resuming_into_another_runs_folder_needs_overwrite(fixmatch, tmp_path):
+    fixmatch.train(fixmatch.parse_args(tiny(tmp_path, "--stop-after", "2", name="a")))
+    fixmatch.train(fixmatch.parse_args(tiny(tmp_path, "--seed", "5", "--stop-after", "3", name="b")))
+    saved, a_records = (tmp_path / "b" / "checkpoint.pt").read_bytes(), (tmp_path / "a" / "metrics.jsonl").read_text()
+    continue_a = ["--resume", str(tmp_path / "a"), "--workers", "0", "--output-dir"]
+    msg = error_of(fixmatch, continue_a + [str(tmp_path / "b")])
+    assert msg.endswith(f"--output-dir {tmp_path / 'b'} holds another run's checkpoint, which continuing --resume "
+                        f"{tmp_path / 'a'} there would replace: --overwrite replaces it, or choose another --output-dir")
+    assert (tmp_path / "b" / "checkpoint.pt").read_bytes() == saved
+    # into a new folder, and with --overwrite into b: each becomes a's continuation, with a's records up to its
+    # checkpoint and none of b's; a itself stays as it was
+    fixmatch.train(fixmatch.parse_args(continue_a + [str(tmp_path / "c")]))
+    summary = fixmatch.train(fixmatch.parse_args(continue_a + [str(tmp_path / "b"), "--overwrite"]))
+    records = (tmp_path / "b" / "metrics.jsonl").read_text()
+    untimed = lambda text: [{k: v for k, v in json.loads(l).items() if k != "steps_per_second"} for l in text.splitlines()]
+    assert untimed(records) == untimed((tmp_path / "c" / "metrics.jsonl").read_text()) and records.startswith(a_records)
+    assert [json.loads(l)["step"] for l in records.splitlines()] == [2, 2, 4, 4]  # train and eval records
+    assert summary["args"]["seed"] == json.loads((tmp_path / "b" / "summary.json").read_text())["args"]["seed"] == 0
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["step"] == 4
+    assert (tmp_path / "a" / "metrics.jsonl").read_text() == a_records
+
+
+def test_resuming_on_changed_data_is_refused(fixmatch, tmp_path):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("test", 2)):
+        for colour in ("red", "blue"):
+            (tmp_path / "data" / split / colour).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(
+                    tmp_path / "data" / split / colour / f"{i}.png")
+    argv = tiny(tmp_path, "--dataset", "folder", "--data-dir", str(tmp_path / "data"), "--labels", "4")
+    fixmatch.train(fixmatch.parse_args([*argv, "--stop-after", "2"]))
+    shutil.copy(tmp_path / "data" / "train" / "red" / "0.png", tmp_path / "data" / "train" / "red" / "6.png")
+    msg = error_of(fixmatch, [*argv, "--resume", str(tmp_path / "run")])
+    assert msg.endswith(f"--resume {tmp_path / 'run'}: the data has changed since that run began (its labeled, "
+                        f"validation or unlabeled set differs from {tmp_path / 'run' / 'split.json'}); resume it on "
+                        "the same data")
+    (tmp_path / "data" / "train" / "red" / "6.png").unlink()
+    assert fixmatch.train(fixmatch.parse_args([*argv, "--resume", str(tmp_path / "run")]))["finished"]
 
 
 def test_summary_has_no_best_top1_before_any_evaluation(fixmatch, tmp_path):
