@@ -473,8 +473,12 @@ def worker_init(_):
     if hasattr(os, "nice"):
         os.nice(19)
     # Ctrl-C reaches the whole process group. The training process finishes its step and then shuts the workers
-    # down; a worker that died first would fail a batch it waits for. (SIGTERM stays: the shutdown may send it.)
+    # down; a worker that died first would fail a batch it waits for.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A scheduler's SIGTERM may reach the whole job too. A worker killed by it made torch raise in the training process
+    # (a traceback, at times before the last checkpoint); it exits quietly instead, and the training process stops
+    # before a step whose batch no worker delivered. (Ignored, it could not end a worker that hangs.)
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -938,7 +942,13 @@ def train(args):
     stop_signals = []
     with deferred_stop_signals(stop_signals):
         for step in range(first_step + 1, last_step + 1):
-            batch = next(batches)
+            try:
+                batch = next(batches)
+            except Exception:
+                if not stop_signals:
+                    raise
+                last_step = step - 1  # the workers ended with the signal: stop before this step
+                break
             x_l, y_l = prepare(batch["x_l"]), batch["y_l"].to(device, non_blocking=True)
             if args.labeled_only:
                 with autocast():

@@ -271,6 +271,38 @@ def test_ctrl_c_ends_the_step_with_a_checkpoint_that_resumes_exactly(fixmatch, t
     assert signal.getsignal(signal.SIGINT) is handler
 
 
+def test_a_batch_lost_to_sigterm_ends_the_run_before_its_step(fixmatch, tmp_path, monkeypatch):
+    # the job's SIGTERM ended the data workers while the training process waited for step 4's batch
+    common = ["--total-steps", "7", "--eval-every", "5"]
+    fixmatch.train(fixmatch.parse_args(tiny(tmp_path, *common, name="full")))
+    real_getitem = fixmatch.TrainBatches.__getitem__
+
+    def batch_of_step_4_lost(self, i, signum=signal.SIGTERM):
+        if i == 3:
+            if signum:
+                os.kill(os.getpid(), signum)
+            raise RuntimeError("DataLoader worker (pid(s) 12345) exited unexpectedly")
+        return real_getitem(self, i)
+
+    monkeypatch.setattr(fixmatch.TrainBatches, "__getitem__", batch_of_step_4_lost)
+    with pytest.raises(SystemExit) as stop:
+        fixmatch.main(tiny(tmp_path, *common, name="cut"))
+    assert stop.value.code == 128 + signal.SIGTERM
+    summary = json.loads((tmp_path / "cut" / "summary.json").read_text())
+    assert summary["stopped_by"] == "SIGTERM" and summary["steps"] == 3
+    # without a signal, a lost batch is an error of its own
+    monkeypatch.setattr(fixmatch.TrainBatches, "__getitem__", lambda self, i: batch_of_step_4_lost(self, i, None))
+    with pytest.raises(RuntimeError, match="exited unexpectedly"):
+        fixmatch.train(fixmatch.parse_args(tiny(tmp_path, *common, name="failed")))
+    monkeypatch.undo()
+    fixmatch.train(fixmatch.parse_args(["--resume", str(tmp_path / "cut"), "--workers", "0"]))
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    assert a["step"] == b["step"] == 7
+    for (name, ta), (_, tb) in zip(state_tensors(a), state_tensors(b), strict=True):
+        assert torch.equal(ta, tb), name
+
+
 def test_checkpoint_write_is_atomic(fixmatch, tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
     fixmatch.save_checkpoint(path, {"model": {"w": torch.ones(2)}})
@@ -409,6 +441,29 @@ def test_command_line_error_has_no_traceback():
                        capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and "Traceback" not in p.stderr
     assert p.stderr.strip().splitlines() == [p.stderr.strip()] and "unknown --dataset" in p.stderr
+
+
+def test_sigterm_to_the_process_group_stops_with_a_checkpoint_and_one_line(tmp_path):
+    # a scheduler's preemption or a cancelled job signals every process of the job, the data workers too
+    run = subprocess.Popen([sys.executable, str(ROOT / "algorithms" / "fixmatch.py"), *tiny(tmp_path, "--total-steps",
+                            "100000", "--log-every", "1", "--eval-every", "100000", "--workers", "2")],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "run" / "metrics.jsonl").is_file() or not (tmp_path / "run" / "metrics.jsonl").read_text():
+            assert run.poll() is None and time.time() < deadline, "the run did not start"
+            time.sleep(0.2)
+        os.killpg(run.pid, signal.SIGTERM)
+        stdout, stderr = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    assert run.returncode == 128 + signal.SIGTERM, stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["stopped_by"] == "SIGTERM"
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["step"] == summary["steps"]
+    assert stderr == "" and stdout.splitlines()[-1] == (f"[fixmatch] SIGTERM: stopped after step {summary['steps']} "
+                                                        f"with a checkpoint; --resume {tmp_path / 'run'} continues the run")
 
 
 def test_missing_torchvision_data_offline_says_where_to_put_it(fixmatch, tmp_path, monkeypatch):
