@@ -217,6 +217,17 @@ def state_tensors(ckpt):
         yield f"momentum{i}", s["momentum_buffer"]
 
 
+def same_end(full_dir, resumed_dir):
+    """The step of two runs' checkpoints, after checking that they hold it both, with bitwise the same weights, EMA
+    weights and momentum."""
+    a = torch.load(full_dir / "checkpoint.pt", weights_only=False)
+    b = torch.load(resumed_dir / "checkpoint.pt", weights_only=False)
+    assert a["step"] == b["step"]
+    for (name, ta), (_, tb) in zip(state_tensors(a), state_tensors(b), strict=True):
+        assert torch.equal(ta, tb), name
+    return a["step"]
+
+
 def test_resume_is_bitwise_equal_to_an_uninterrupted_run(fixmatch, tmp_path):
     common = ["--total-steps", "7", "--eval-every", "3"]
     full = fixmatch.train(fixmatch.parse_args(tiny(tmp_path, *common, name="full")))
@@ -257,11 +268,7 @@ def test_ctrl_c_ends_the_step_with_a_checkpoint_that_resumes_exactly(fixmatch, t
     assert summary["stopped_by"] == "SIGINT" and summary["steps"] == 3 and not summary["finished"]
     assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["step"] == 3
     fixmatch.train(fixmatch.parse_args(["--resume", str(tmp_path / "cut"), "--workers", "0"]))
-    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
-    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
-    assert a["step"] == b["step"] == 7
-    for (name, ta), (_, tb) in zip(state_tensors(a), state_tensors(b), strict=True):
-        assert torch.equal(ta, tb), name
+    assert same_end(tmp_path / "full", tmp_path / "cut") == 7
     received = []  # a second Ctrl-C does not wait for the step
     with pytest.raises(KeyboardInterrupt), fixmatch.deferred_stop_signals(received):
         os.kill(os.getpid(), signal.SIGINT)
@@ -296,11 +303,7 @@ def test_a_batch_lost_to_sigterm_ends_the_run_before_its_step(fixmatch, tmp_path
         fixmatch.train(fixmatch.parse_args(tiny(tmp_path, *common, name="failed")))
     monkeypatch.undo()
     fixmatch.train(fixmatch.parse_args(["--resume", str(tmp_path / "cut"), "--workers", "0"]))
-    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
-    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
-    assert a["step"] == b["step"] == 7
-    for (name, ta), (_, tb) in zip(state_tensors(a), state_tensors(b), strict=True):
-        assert torch.equal(ta, tb), name
+    assert same_end(tmp_path / "full", tmp_path / "cut") == 7
 
 
 def test_checkpoint_write_is_atomic(fixmatch, tmp_path, monkeypatch):
