@@ -1387,8 +1387,9 @@ def train(args):
             if stopping:
                 last_step = step
                 break
-    if last_step % args.eval_every and last_step != args.total_steps:
-        checkpoint(last_step)  # a planned stop or a signal: keep everything needed to resume
+    # a planned stop or a signal: keep everything needed to resume (also when no step ran: a batch lost to a signal)
+    if (last_step % args.eval_every and last_step != args.total_steps) or last_step == first_step:
+        checkpoint(last_step)
     del batches
 
     warm = step_seconds[max(10, len(step_seconds) // 10):] or step_seconds

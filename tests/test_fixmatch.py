@@ -279,31 +279,39 @@ def test_ctrl_c_ends_the_step_with_a_checkpoint_that_resumes_exactly(fixmatch, t
 
 
 def test_a_batch_lost_to_sigterm_ends_the_run_before_its_step(fixmatch, tmp_path, monkeypatch):
-    # the job's SIGTERM ended the data workers while the training process waited for step 4's batch
+    # the job's SIGTERM ended the data workers while the training process waited for a batch
     common = ["--total-steps", "7", "--eval-every", "5"]
     fixmatch.train(fixmatch.parse_args(tiny(tmp_path, *common, name="full")))
     real_getitem = fixmatch.TrainBatches.__getitem__
 
-    def batch_of_step_4_lost(self, i, signum=signal.SIGTERM):
-        if i == 3:
-            if signum:
-                os.kill(os.getpid(), signum)
-            raise RuntimeError("DataLoader worker (pid(s) 12345) exited unexpectedly")
-        return real_getitem(self, i)
+    def lose_batch(lost, signum=signal.SIGTERM):  # item i is the batch of step i + 1
+        def getitem(self, i):
+            if i == lost:
+                if signum:
+                    os.kill(os.getpid(), signum)
+                raise RuntimeError("DataLoader worker (pid(s) 12345) exited unexpectedly")
+            return real_getitem(self, i)
+        return getitem
 
-    monkeypatch.setattr(fixmatch.TrainBatches, "__getitem__", batch_of_step_4_lost)
+    monkeypatch.setattr(fixmatch.TrainBatches, "__getitem__", lose_batch(3))
     with pytest.raises(SystemExit) as stop:
         fixmatch.main(tiny(tmp_path, *common, name="cut"))
     assert stop.value.code == 128 + signal.SIGTERM
     summary = json.loads((tmp_path / "cut" / "summary.json").read_text())
     assert summary["stopped_by"] == "SIGTERM" and summary["steps"] == 3
+    # the first batch lost: no step ran, and still a checkpoint to resume from
+    monkeypatch.setattr(fixmatch.TrainBatches, "__getitem__", lose_batch(0))
+    with pytest.raises(SystemExit):
+        fixmatch.main(tiny(tmp_path, *common, name="none"))
+    assert torch.load(tmp_path / "none" / "checkpoint.pt", weights_only=False)["step"] == 0
     # without a signal, a lost batch is an error of its own
-    monkeypatch.setattr(fixmatch.TrainBatches, "__getitem__", lambda self, i: batch_of_step_4_lost(self, i, None))
+    monkeypatch.setattr(fixmatch.TrainBatches, "__getitem__", lose_batch(3, signum=None))
     with pytest.raises(RuntimeError, match="exited unexpectedly"):
         fixmatch.train(fixmatch.parse_args(tiny(tmp_path, *common, name="failed")))
     monkeypatch.undo()
-    fixmatch.train(fixmatch.parse_args(["--resume", str(tmp_path / "cut"), "--workers", "0"]))
-    assert same_end(tmp_path / "full", tmp_path / "cut") == 7
+    for cut in ("cut", "none"):
+        fixmatch.train(fixmatch.parse_args(["--resume", str(tmp_path / cut), "--workers", "0"]))
+        assert same_end(tmp_path / "full", tmp_path / cut) == 7
 
 
 def test_checkpoint_write_is_atomic(fixmatch, tmp_path, monkeypatch):
