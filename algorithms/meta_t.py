@@ -499,8 +499,8 @@ def worker_init(_):
     # down; a worker that died first would fail a batch it waits for.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # A scheduler's SIGTERM may reach the whole job too. A worker killed by it made torch raise in the training process
-    # (a traceback, at times before the last checkpoint); it exits quietly instead, and the training process stops
-    # before a step whose batch no worker delivered. (Ignored, it could not end a worker that hangs.)
+    # (a traceback; once seen here before summary.json was written); it exits quietly instead, and the training
+    # process stops before a step whose batch no worker delivered. (Ignored, it could not end a worker that hangs.)
     signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
 
 
