@@ -939,7 +939,7 @@ def train(args):
     last_step = args.total_steps if args.stop_after <= 0 else min(args.total_steps, first_step + args.stop_after)
     batches = iter(loader)
     step_start = time.perf_counter()
-    stop_signals = []
+    stop_signals, checkpointed_step = [], None
     with deferred_stop_signals(stop_signals):
         for step in range(first_step + 1, last_step + 1):
             try:
@@ -1010,12 +1010,12 @@ def train(args):
                 print(f"[{ALGORITHM}] eval step {step}: top1 {eval_result['top1']:.4f} "
                       f"balanced {eval_result['balanced_acc']:.4f} best {best_top1:.4f}", flush=True)
                 checkpoint(step)
+                checkpointed_step = step
             step_start = time.perf_counter()
             if stopping:
                 last_step = step
                 break
-    # a planned stop or a signal: keep everything needed to resume (also when no step ran: a batch lost to a signal)
-    if (last_step % args.eval_every and last_step != args.total_steps) or last_step == first_step:
+    if checkpointed_step != last_step:  # a planned stop or a signal (also before any step): all needed to resume
         checkpoint(last_step)
     del batches
 
