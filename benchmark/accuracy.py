@@ -1,6 +1,7 @@
 """Accuracy of the algorithm files on one budget: runs each configuration for each seed (--parallel
 runs at a time, one by default) and prints a markdown table of the final EMA top-1 (mean and std
-over seeds). Each run's console output goes to <out-dir>/<run>.log.
+over seeds), then, with two configurations or more, each one's per-seed difference to the first (same seed,
+so the same labeled split). Each run's console output goes to <out-dir>/<run>.log.
 
     python benchmark/accuracy.py                      # digits, 40 labels, 3000 steps, seeds 0 1 2
     python benchmark/accuracy.py --configs fixmatch supervised --seeds 0
@@ -43,6 +44,21 @@ CONFIGS = {
     "meta_t_fd_cosine": ("meta_t", [*COSINE, *FIRST_ORDER]),
     "green_meta_t_fd_k4_cosine": ("meta_t", [*COSINE, *FIRST_ORDER, "--meta-interval", "4"]),
 }
+
+
+def print_paired_differences(rows):
+    """Each configuration minus the first, seed by seed: runs of one seed share the labeled split, whose draw
+    moves a run's top-1 by points on digits, so the comparison is paired."""
+    first, base, _ = rows[0]
+    print(f"\n| top-1 minus {first}'s, same seed | mean ± standard error | per seed | ahead / even / behind |")
+    print("| --- | --- | --- | --- |")
+    for name, top1, _ in rows[1:]:
+        diff = np.subtract(top1, base)
+        # below 1e-6 points a difference is float rounding: the two runs got the same count of images right
+        ahead, behind = int((diff > 1e-6).sum()), int((diff < -1e-6).sum())
+        stderr = f"{np.std(diff, ddof=1) / np.sqrt(len(diff)):.2f}" if len(diff) > 1 else "n/a"
+        per_seed = ", ".join(f"{d:+.2f}" for d in diff)
+        print(f"| {name} | {diff.mean():+.2f} ± {stderr} | {per_seed} | {ahead} / {len(diff) - ahead - behind} / {behind} |")
 
 
 def main():
@@ -101,6 +117,8 @@ def main():
     for name, top1, seconds in rows:
         per_seed = ", ".join(f"{t:.2f}" for t in top1)
         print(f"| {name} | {np.mean(top1):.2f} ± {np.std(top1):.2f} | {per_seed} | {np.mean(seconds) / 60:.1f} |")
+    if len(rows) > 1:
+        print_paired_differences(rows)
     # The fallback gives the same loss up to float rounding, which over thousands of steps moves single seeds
     fallback = [f"{name} seed {seed}" for (name, seed), s in summaries.items() if s.get("fused_kernels") is False]
     if fallback:

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import ROOT
@@ -102,3 +103,19 @@ def test_accuracy_benchmark_resumes_an_interrupted_run(tmp_path):
     after = (run_dir / "metrics.jsonl").read_text().splitlines()
     # the records up to the checkpoint's step stay as the first run wrote them (a rerun would time its steps anew)
     assert after[:2] == before[:2] and [json.loads(l)["step"] for l in after] == [2, 2, 4, 4]
+
+
+def test_accuracy_benchmark_pairs_each_configuration_with_the_first_by_seed(tmp_path):
+    seeds = [0, 1, 2]
+    out = run_benchmark("accuracy.py", "--configs", "fixmatch", "supervised", "--seeds", *map(str, seeds),
+                        "--dataset", "synthetic", "--labels", "8", "--total-steps", "6", "--workers", "0",
+                        "--out-dir", str(tmp_path), "--extra", "--batch-size 8 --uratio 2")
+    top1 = {(name, seed): 100 * json.loads((tmp_path / f"{name}_synthetic_8_seed{seed}" / "summary.json").read_text())["top1"]
+            for name in ("fixmatch", "supervised") for seed in seeds}
+    diff = np.array([top1["supervised", s] - top1["fixmatch", s] for s in seeds])
+    paired = table_rows(out.split("top-1 minus fixmatch's, same seed")[1])["supervised"]
+    stderr = diff.std(ddof=1) / np.sqrt(len(seeds))
+    assert paired[0] == f"{diff.mean():+.2f} ± {stderr:.2f}", out
+    assert paired[1] == ", ".join(f"{d:+.2f}" for d in diff), out
+    ahead, behind = (diff > 1e-6).sum(), (diff < -1e-6).sum()
+    assert paired[2] == f"{ahead} / {len(seeds) - ahead - behind} / {behind}", out
