@@ -53,9 +53,9 @@ def print_paired_differences(rows):
     print(f"\n| top-1 minus {first}'s, same seed | mean ± standard error | per seed | ahead / even / behind |")
     print("| --- | --- | --- | --- |")
     for name, top1, _ in rows[1:]:
-        diff = np.subtract(top1, base)
-        # below 1e-6 points a difference is float rounding: the two runs got the same count of images right
-        ahead, behind = int((diff > 1e-6).sum()), int((diff < -1e-6).sum())
+        # rounded to drop float noise, so that equal counts of images right read as even (and +0.00, not -0.00)
+        diff = np.round(np.subtract(top1, base), 6) + 0.0
+        ahead, behind = int((diff > 0).sum()), int((diff < 0).sum())
         stderr = f"{np.std(diff, ddof=1) / np.sqrt(len(diff)):.2f}" if len(diff) > 1 else "n/a"
         per_seed = ", ".join(f"{d:+.2f}" for d in diff)
         print(f"| {name} | {diff.mean():+.2f} ± {stderr} | {per_seed} | {ahead} / {len(diff) - ahead - behind} / {behind} |")
