@@ -58,7 +58,8 @@ def print_paired_differences(rows):
         ahead, behind = int((diff > 0).sum()), int((diff < 0).sum())
         stderr = f"{np.std(diff, ddof=1) / np.sqrt(len(diff)):.2f}" if len(diff) > 1 else "n/a"
         per_seed = ", ".join(f"{d:+.2f}" for d in diff)
-        print(f"| {name} | {diff.mean():+.2f} ± {stderr} | {per_seed} | {ahead} / {len(diff) - ahead - behind} / {behind} |")
+        even = len(diff) - ahead - behind
+        print(f"| {name} | {diff.mean():+.2f} ± {stderr} | {per_seed} | {ahead} / {even} / {behind} |")
 
 
 def main():

@@ -110,8 +110,8 @@ def test_accuracy_benchmark_pairs_each_configuration_with_the_first_by_seed(tmp_
     out = run_benchmark("accuracy.py", "--configs", "fixmatch", "supervised", "--seeds", *map(str, seeds),
                         "--dataset", "synthetic", "--labels", "8", "--total-steps", "6", "--workers", "0",
                         "--out-dir", str(tmp_path), "--extra", "--batch-size 8 --uratio 2")
-    top1 = {(name, seed): 100 * json.loads((tmp_path / f"{name}_synthetic_8_seed{seed}" / "summary.json").read_text())["top1"]
-            for name in ("fixmatch", "supervised") for seed in seeds}
+    summary = lambda name, seed: json.loads((tmp_path / f"{name}_synthetic_8_seed{seed}" / "summary.json").read_text())
+    top1 = {(name, seed): 100 * summary(name, seed)["top1"] for name in ("fixmatch", "supervised") for seed in seeds}
     diff = np.array([round(top1["supervised", s] - top1["fixmatch", s], 6) + 0.0 for s in seeds])
     paired = table_rows(out.split("top-1 minus fixmatch's, same seed")[1])["supervised"]
     stderr = diff.std(ddof=1) / np.sqrt(len(seeds))
