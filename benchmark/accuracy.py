@@ -99,7 +99,9 @@ def main():
         if not (summary_path.exists() and json.loads(summary_path.read_text())["finished"]):
             resume = (summary_path.parent / "checkpoint.pt").exists()  # an interrupted run: continue it
             cmd = [*cmd, "--resume", str(summary_path.parent)] if resume else cmd
-            print(" ".join(cmd[1:]), file=sys.stderr, flush=True)
+            # one write, so that the lines of runs started together do not interleave
+            sys.stderr.write(" ".join(cmd[1:]) + "\n")
+            sys.stderr.flush()
             with open(summary_path.parent.with_suffix(".log"), "a" if resume else "w") as log:
                 subprocess.run(cmd, check=True, env=env, stdout=log, stderr=subprocess.STDOUT)
         return json.loads(summary_path.read_text())
