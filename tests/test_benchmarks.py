@@ -38,6 +38,16 @@ def test_meta_step_breakdown_times_every_part():
     assert float(floor) > 1 and float(whole) > 1
 
 
+def test_meta_grad_agreement_separates_batchnorms_batch_from_the_finite_difference():
+    out = run_benchmark("meta_grad_agreement.py", "--steps", "24", "--measure", "3", "--threads", "1")
+    rows = table_rows(out)
+    assert float(re.search(r"gradient over these steps: (\S+)", out).group(1)) > 1e-6, out  # masks respond to tau
+    assert float(rows["exact (double backward)"][1]) >= 0.999, out  # the same value as jvp, another way
+    # the central difference over the step's whole batch differs from jvp by the finite difference alone
+    assert float(rows["fd's central difference over the step's whole batch, v at w_hat"][1]) >= 0.99, out
+    assert {"first-order, v at w_hat", "first-order, v at w"} <= set(rows), out
+
+
 def test_steps_benchmark_reports_ratios_to_fixmatch():
     out = run_benchmark("steps.py", "--quick", "--only", "FixMatch,jvp")
     rows = table_rows(out)
