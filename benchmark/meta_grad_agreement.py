@@ -52,6 +52,7 @@ def main():
     p.add_argument("--dataset", default="digits")
     p.add_argument("--labels", type=int, default=40)
     p.add_argument("--net", default="", help="network (meta_t.py's --net); empty = the dataset's default")
+    p.add_argument("--device", default="", help="meta_t.py's --device; empty = its default (cuda when available)")
     p.add_argument("--steps", type=int, default=72, help="training steps of the run")
     p.add_argument("--measure", type=int, default=12, help="compare on this many last steps")
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
@@ -92,7 +93,7 @@ def main():
         meta_t.main(["--dataset", a.dataset, "--labels", str(a.labels), "--total-steps", str(a.steps),
                      "--batch-size", "64", "--uratio", "7", "--meta-grad", "jvp", "--lr-schedule", "cosine",
                      "--workers", "0", "--eval-every", str(a.steps), "--log-every", str(a.steps), "--output-dir", out,
-                     *(["--net", a.net] if a.net else [])])
+                     *(["--net", a.net] if a.net else []), *(["--device", a.device] if a.device else [])])
     net = a.net or "the dataset's default network"
     print(f"\ncosine similarity to the jvp TGN gradient, {a.dataset}, {net}, steps {a.steps - a.measure + 1}-{a.steps}")
     # where no mask responds to tau, the gradients are rounding noise (e.g. 1e-15) and their directions mean nothing
