@@ -25,22 +25,23 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
-OTHERS = [("exact", "w_hat"), ("fd", "w_hat"), ("fd", "w")]
+OTHERS = {"exact (double backward)": ("exact", "w_hat"), "first-order, v at w_hat": ("fd", "w_hat"),
+          "first-order, v at w": ("fd", "w")}
 WHOLE_BATCH = "fd's central difference over the step's whole batch, v at w_hat"
 
 
 def central_difference_over_whole_batch(model, params, buffers, v, inputs, pseudo_label, forward_values=None):
     """meta_t.py's fd directional derivative (eps = 0.01 / ||v||, forwards in float32 on cloned buffers), but
     through the step's whole concatenated batch, as the forward-mode pass goes, instead of the strong batch alone.
-    It stands in for that pass (same arguments), so meta_gradient gives it jvp's v at w_hat and runs it from the
-    generator state of the step's forward."""
+    It stands in for that pass (same arguments), so meta_gradient gives it jvp's v at w_hat, its cloned buffers, and
+    runs it from the generator state of the step's forward."""
     eps = 0.01 / torch.nn.utils.get_total_norm(v).clamp_min(1e-12)
 
     def ce_at(sign):  # forked: both forwards draw the same dropout masks, those of the step's forward
         w = {k: p.detach() + sign * eps * vk for (k, p), vk in zip(params.items(), v)}
         fork = torch.random.fork_rng(devices=[inputs.device] if inputs.device.type == "cuda" else [])
         with fork, torch.autocast(inputs.device.type, enabled=False):
-            logits = torch.func.functional_call(model, {**w, **{k: b.clone() for k, b in buffers.items()}}, (inputs,))
+            logits = torch.func.functional_call(model, {**w, **buffers}, (inputs,))
         return F.cross_entropy(logits[-len(pseudo_label):].float(), pseudo_label, reduction="none")
 
     with torch.no_grad():
@@ -67,9 +68,8 @@ def main():
     meta_t = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(meta_t)
 
-    labels = {"exact": "exact (double backward)", "fd": "first-order, v at {}"}
-    rows = [labels[mode].format(at) for mode, at in OTHERS] + [WHOLE_BATCH]
-    meta_gradient, calls, cosines, ref_norms = meta_t.meta_gradient, [0], {row: [] for row in rows}, []
+    meta_gradient, calls, ref_norms = meta_t.meta_gradient, [0], []
+    cosines = {row: [] for row in [*OTHERS, WHOLE_BATCH]}
 
     def comparing(*call):  # meta_gradient(model, tgn, ..., alpha, args, autocast, ...): same state, every mode
         out = meta_gradient(*call)  # the run's own: jvp
@@ -77,14 +77,14 @@ def main():
         if calls[0] > a.steps - a.measure:
             ref = torch.cat([g.flatten() for g in out[0]])
             ref_norms.append(ref.norm().item())
-            grads = []
-            for mode in OTHERS:
+            grads = {}
+            for row, mode in OTHERS.items():
                 args = copy.copy(call[9])
                 args.meta_grad, args.fd_direction_at = mode
-                grads.append(meta_gradient(*call[:9], args, *call[10:])[0])
+                grads[row] = meta_gradient(*call[:9], args, *call[10:])[0]
             # in the place of the forward-mode pass: its v (at w_hat), autocast and dropout masks; no reused values
-            grads.append(meta_gradient(*call[:11], central_difference_over_whole_batch, call[12], None)[0])
-            for row, g in zip(rows, grads):
+            grads[WHOLE_BATCH] = meta_gradient(*call[:11], central_difference_over_whole_batch, call[12], None)[0]
+            for row, g in grads.items():
                 cosines[row].append(F.cosine_similarity(torch.cat([x.flatten() for x in g]), ref, dim=0).item())
         return out
 
