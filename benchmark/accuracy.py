@@ -13,6 +13,7 @@ so an interrupted benchmark continues where it stopped.
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -62,6 +63,20 @@ def print_paired_differences(rows):
         print(f"| {name} | {diff.mean():+.2f} ± {stderr} | {per_seed} | {ahead} / {even} / {behind} |")
 
 
+def print_per_class(rows, summaries, seeds):
+    """Each configuration's top-1 per class, averaged over seeds: on a class-imbalanced split, where the rare
+    classes' accuracy is what the overall top-1 hides."""
+    table = {}
+    for name, _, _ in rows:  # summary.json writes null for a class with no test image
+        accs = [[math.nan if v is None else v for v in summaries[name, seed]["per_class_acc"]] for seed in seeds]
+        table[name] = 100 * np.nanmean(np.array(accs, dtype=float), axis=0)
+    classes = len(next(iter(table.values())))
+    print("\n| top-1 % per class (mean over seeds) | " + " | ".join(f"class {c}" for c in range(classes)) + " |")
+    print("| --- |" + " --- |" * classes)
+    for name, accs in table.items():
+        print(f"| {name} | " + " | ".join(f"{acc:.1f}" for acc in accs) + " |")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", nargs="+", default=["fixmatch", "supervised"], choices=list(CONFIGS))
@@ -74,6 +89,8 @@ def main():
     p.add_argument("--threads", type=int, default=0, help="torch threads of each run (OMP_NUM_THREADS); 0 = default")
     p.add_argument("--out-dir", default="runs/accuracy")
     p.add_argument("--extra", default="", help="more flags for every run, e.g. \"--device cuda\"")
+    p.add_argument("--per-class", action="store_true",
+                   help="also print each configuration's top-1 per class, averaged over seeds (class-imbalanced splits)")
     a = p.parse_args()
 
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(a.threads)} if a.threads else {}))
@@ -122,6 +139,8 @@ def main():
         print(f"| {name} | {np.mean(top1):.2f} ± {np.std(top1):.2f} | {per_seed} | {np.mean(seconds) / 60:.1f} |")
     if len(rows) > 1:
         print_paired_differences(rows)
+    if a.per_class:
+        print_per_class(rows, summaries, a.seeds)
     # The fallback gives the same loss up to float rounding, which over thousands of steps moves single seeds
     fallback = [f"{name} seed {seed}" for (name, seed), s in summaries.items() if s.get("fused_kernels") is False]
     if fallback:

@@ -131,3 +131,16 @@ def test_accuracy_benchmark_pairs_each_configuration_with_the_first_by_seed(tmp_
     assert paired[1] == ", ".join(f"{d:+.2f}" for d in diff), out
     ahead, behind = (diff > 0).sum(), (diff < 0).sum()
     assert paired[2] == f"{ahead} / {len(seeds) - ahead - behind} / {behind}", out
+
+
+def test_accuracy_benchmark_prints_each_classs_top1_averaged_over_seeds(tmp_path):
+    seeds = [0, 1]
+    out = run_benchmark("accuracy.py", "--configs", "fixmatch", "supervised", "--seeds", *map(str, seeds),
+                        "--dataset", "synthetic", "--total-steps", "6", "--workers", "0", "--out-dir", str(tmp_path),
+                        "--per-class", "--extra", "--batch-size 8 --uratio 2 --n1 4 --m1 8 --gamma-l 4 --gamma-u 4")
+    table = table_rows(out.split("top-1 % per class (mean over seeds)")[1])
+    for name in ("fixmatch", "supervised"):
+        per_seed = [json.loads((tmp_path / f"{name}_synthetic_40_seed{s}" / "summary.json").read_text())["per_class_acc"]
+                    for s in seeds]
+        assert table[name] == [f"{100 * np.mean(accs):.1f}" for accs in zip(*per_seed)], out
+    assert len(table["fixmatch"]) == 4  # the synthetic data's classes
