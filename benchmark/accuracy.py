@@ -8,7 +8,8 @@ so the same labeled split). Each run's console output goes to <out-dir>/<run>.lo
 
 A configuration is a name from CONFIGS (script and extra flags). Runs already finished in
 --out-dir are read back, not rerun, and an unfinished run that left a checkpoint is resumed from it,
-so an interrupted benchmark continues where it stopped.
+so an interrupted benchmark continues where it stopped. A run folder there of the same name but run with
+other flags (another --extra) stops the benchmark with an error instead.
 """
 
 import argparse
@@ -45,6 +46,55 @@ CONFIGS = {
     "meta_t_fd_cosine": ("meta_t", [*COSINE, *FIRST_ORDER]),
     "green_meta_t_fd_k4_cosine": ("meta_t", [*COSINE, *FIRST_ORDER, "--meta-interval", "4"]),
 }
+
+
+# Flags that change where a run's files go and how it is run, not what it computes.
+NOT_COMPARED = ("workers", "output_dir", "eval_every", "log_every", "stop_after", "resume", "overwrite")
+
+
+def flags_differing(cmd, saved_args):
+    """The flags of a run's command line whose value differs from the args that the run already in its folder saved
+    in summary.json: read back as it is, that run would stand in a table for another configuration."""
+    given, tokens = {}, cmd[2:]  # after the interpreter and the script
+    for i, token in enumerate(tokens):
+        if token.startswith("--"):
+            has_value = i + 1 < len(tokens) and not tokens[i + 1].startswith("--")
+            name, value = token[2:], tokens[i + 1] if has_value else None
+            if value is None:  # a boolean flag: --x or --no-x
+                name, value = (name[3:], False) if name.startswith("no-") else (name, True)
+            given[name] = value  # given twice (a configuration's and --extra's), the last counts, as in argparse
+    differ = []
+    for name, value in given.items():
+        key = name.replace("-", "_")
+        if key in NOT_COMPARED or key not in saved_args:
+            continue
+        saved = saved_args[key]
+        if isinstance(saved, bool) or isinstance(value, bool):
+            same = saved is value
+        elif isinstance(saved, (int, float)):
+            try:
+                same = float(value) == float(saved)
+            except ValueError:
+                same = False
+        else:
+            same = str(saved) == value
+        if not same:
+            differ.append(f"--{name} {value} (there: {saved})")
+    return differ
+
+
+def defining_flags(cmd):
+    """A run's script and flags without the interpreter and the NOT_COMPARED flags: what defines its result. The
+    benchmark saves them in the run's folder, to tell a run of other flags (--extra) by what they leave out too."""
+    tokens, kept, skip = cmd[2:], [Path(cmd[1]).name], False
+    for i, token in enumerate(tokens):
+        if skip:
+            skip = False
+        elif token.startswith("--") and token[2:].replace("-", "_") in NOT_COMPARED:
+            skip = i + 1 < len(tokens) and not tokens[i + 1].startswith("--")  # and its value
+        else:
+            kept.append(token)
+    return kept
 
 
 def print_paired_differences(rows):
@@ -110,11 +160,26 @@ def main():
                    "--eval-every", str(a.total_steps), "--log-every", "500", "--workers", str(a.workers),
                    "--output-dir", str(out), *flags, *a.extra.split()]
             runs[name, seed] = cmd, out / "summary.json"
+    mismatched = []
+    for cmd, summary_path in runs.values():
+        saved_flags = summary_path.parent / "benchmark_flags.json"
+        if saved_flags.exists() and json.loads(saved_flags.read_text()) != defining_flags(cmd):
+            mismatched.append(f"{summary_path.parent} (run as {' '.join(json.loads(saved_flags.read_text()))})")
+        elif summary_path.exists():  # a run from before benchmark_flags.json: the flags given, against its args
+            differ = flags_differing(cmd, json.loads(summary_path.read_text())["args"])
+            if differ:
+                mismatched.append(f"{summary_path.parent} ({', '.join(differ)})")
+    if mismatched:
+        sys.exit(f"accuracy.py: error: --out-dir {a.out_dir} holds runs of the same names with other flags, which this "
+                 f"command would read back or resume as its own: {'; '.join(mismatched)}. Choose another --out-dir.")
 
     def run(key):
         cmd, summary_path = runs[key]
         if not (summary_path.exists() and json.loads(summary_path.read_text())["finished"]):
             resume = (summary_path.parent / "checkpoint.pt").exists()  # an interrupted run: continue it
+            if not resume:
+                summary_path.parent.mkdir(parents=True, exist_ok=True)
+                (summary_path.parent / "benchmark_flags.json").write_text(json.dumps(defining_flags(cmd)))
             cmd = [*cmd, "--resume", str(summary_path.parent)] if resume else cmd
             # one write, so that the lines of runs started together do not interleave
             sys.stderr.write(" ".join(cmd[1:]) + "\n")

@@ -144,3 +144,22 @@ def test_accuracy_benchmark_prints_each_classs_top1_averaged_over_seeds(tmp_path
                     for s in seeds]
         assert table[name] == [f"{100 * np.mean(accs):.1f}" for accs in zip(*per_seed)], out
     assert len(table["fixmatch"]) == 4  # the synthetic data's classes
+
+
+def test_accuracy_benchmark_refuses_to_read_back_a_run_of_other_flags(tmp_path):
+    common = ["--configs", "fixmatch", "--seeds", "0", "--dataset", "synthetic", "--labels", "8", "--total-steps", "2",
+              "--workers", "0", "--out-dir", str(tmp_path)]
+    run_benchmark("accuracy.py", *common, "--extra", "--batch-size 8 --uratio 2 --tau 0.5")
+    refuse = lambda extra: subprocess.run([sys.executable, str(ROOT / "benchmark" / "accuracy.py"), *common, "--extra",
+                                           extra], capture_output=True, text=True, timeout=300)
+    # --tau left out: only the flags the benchmark saved in the run's folder tell
+    proc = refuse("--batch-size 8 --uratio 2")
+    assert proc.returncode != 0 and "fixmatch_synthetic_8_seed0 (run as fixmatch.py" in proc.stderr, proc.stderr
+    # a run from before that file: the flags given are checked against the args in its summary.json
+    (tmp_path / "fixmatch_synthetic_8_seed0" / "benchmark_flags.json").unlink()
+    proc = refuse("--batch-size 8 --uratio 2 --tau 0.7")
+    assert proc.returncode != 0 and "--tau 0.7 (there: 0.5)" in proc.stderr, proc.stderr
+    # the same flags, and those that change only how it runs, read the run back
+    out = run_benchmark("accuracy.py", *common, "--extra", "--batch-size 8 --uratio 2 --tau 0.5 --log-every 1")
+    top1 = 100 * json.loads((tmp_path / "fixmatch_synthetic_8_seed0" / "summary.json").read_text())["top1"]
+    assert table_rows(out)["fixmatch"][0] == f"{top1:.2f} ± 0.00", out
