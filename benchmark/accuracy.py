@@ -52,19 +52,34 @@ CONFIGS = {
 NOT_COMPARED = ("workers", "output_dir", "eval_every", "log_every", "stop_after", "resume", "overwrite")
 
 
-def flags_differing(cmd, saved_args):
-    """The flags of a run's command line whose value differs from the args that the run already in its folder saved
-    in summary.json: read back as it is, that run would stand in a table for another configuration."""
-    given, tokens = {}, cmd[2:]  # after the interpreter and the script
+def given_flags(cmd):
+    """{flag: value} of a run's command line after the interpreter and the script, as argparse reads it: a flag
+    without a value is a boolean (--x true, --no-x false for x), and of a flag given twice (by a configuration and
+    by --extra) the last counts."""
+    given, tokens = {}, cmd[2:]
     for i, token in enumerate(tokens):
         if token.startswith("--"):
             has_value = i + 1 < len(tokens) and not tokens[i + 1].startswith("--")
             name, value = token[2:], tokens[i + 1] if has_value else None
-            if value is None:  # a boolean flag: --x or --no-x
+            if value is None:
                 name, value = (name[3:], False) if name.startswith("no-") else (name, True)
-            given[name] = value  # given twice (a configuration's and --extra's), the last counts, as in argparse
+            given[name] = value
+    return given
+
+
+def defining_flags(cmd):
+    """A run's script and flags without the NOT_COMPARED ones: what defines its result. The benchmark saves them in
+    the run's folder, to tell a run of other flags (--extra) by what they leave out too."""
+    kept = {name: value for name, value in given_flags(cmd).items() if name.replace("-", "_") not in NOT_COMPARED}
+    return {"script": Path(cmd[1]).name, "flags": kept}
+
+
+def flags_differing(cmd, saved_args):
+    """The flags of a run's command line whose value differs from the args that the run already in its folder saved
+    in summary.json (a run from before benchmark_flags.json): read back as it is, that run would stand in a table for
+    another configuration."""
     differ = []
-    for name, value in given.items():
+    for name, value in given_flags(cmd).items():
         key = name.replace("-", "_")
         if key in NOT_COMPARED or key not in saved_args:
             continue
@@ -81,20 +96,6 @@ def flags_differing(cmd, saved_args):
         if not same:
             differ.append(f"--{name} {value} (there: {saved})")
     return differ
-
-
-def defining_flags(cmd):
-    """A run's script and flags without the interpreter and the NOT_COMPARED flags: what defines its result. The
-    benchmark saves them in the run's folder, to tell a run of other flags (--extra) by what they leave out too."""
-    tokens, kept, skip = cmd[2:], [Path(cmd[1]).name], False
-    for i, token in enumerate(tokens):
-        if skip:
-            skip = False
-        elif token.startswith("--") and token[2:].replace("-", "_") in NOT_COMPARED:
-            skip = i + 1 < len(tokens) and not tokens[i + 1].startswith("--")  # and its value
-        else:
-            kept.append(token)
-    return kept
 
 
 def print_paired_differences(rows):
@@ -162,10 +163,12 @@ def main():
             runs[name, seed] = cmd, out / "summary.json"
     mismatched = []
     for cmd, summary_path in runs.values():
-        saved_flags = summary_path.parent / "benchmark_flags.json"
-        if saved_flags.exists() and json.loads(saved_flags.read_text()) != defining_flags(cmd):
-            mismatched.append(f"{summary_path.parent} (run as {' '.join(json.loads(saved_flags.read_text()))})")
-        elif summary_path.exists():  # a run from before benchmark_flags.json: the flags given, against its args
+        saved_path = summary_path.parent / "benchmark_flags.json"
+        saved = json.loads(saved_path.read_text()) if saved_path.exists() else None
+        if saved is not None and saved != defining_flags(cmd):
+            flags = " ".join(f"--{name} {value}" for name, value in saved["flags"].items())
+            mismatched.append(f"{summary_path.parent} (run as {saved['script']} {flags})")
+        elif saved is None and summary_path.exists():  # a run from before benchmark_flags.json: the flags given
             differ = flags_differing(cmd, json.loads(summary_path.read_text())["args"])
             if differ:
                 mismatched.append(f"{summary_path.parent} ({', '.join(differ)})")
