@@ -598,6 +598,15 @@ def test_summary_has_no_best_top1_before_any_evaluation(fixmatch, tmp_path):
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["best_top1"] is None
 
 
+def test_eval_line_notes_an_ema_still_mostly_initial_weights(fixmatch, tmp_path, capsys):
+    # --ema 0.7: the initial weights hold 0.7 ** 2 = 49% of the EMA at step 2 and 24% at step 4
+    fixmatch.train(fixmatch.parse_args(tiny(tmp_path, "--ema", "0.7")))
+    evals = [line for line in capsys.readouterr().out.splitlines() if " eval step " in line]
+    assert len(evals) == 2
+    assert evals[0].endswith("(the EMA weights are still 49% initial weights: --ema 0.7 scores low this early)")
+    assert "EMA" not in evals[1]
+
+
 def test_digits_is_offline_with_a_fixed_test_split(fixmatch):
     train_x, train_y, test_x, test_y, _ = fixmatch.load_digits()
     assert train_x.shape == (1300, 8, 8, 1) and test_x.shape == (497, 8, 8, 1) and train_x.dtype == np.uint8
