@@ -68,7 +68,7 @@ class Args:
     lr: float = arg(0.03, "SGD learning rate, decayed as lr * cos(7 pi t / 16 T)")
     momentum: float = arg(0.9, "SGD Nesterov momentum")
     weight_decay: float = arg(-1.0, "weight decay, not applied to BN and biases; -1 = 5e-4 (1e-3 for cifar100)")
-    ema: float = arg(0.999, "decay of the EMA weights used for evaluation")
+    ema: float = arg(0.999, "decay of the evaluated EMA weights, which start as the initial weights (lower it for short runs)")
     total_steps: int = arg(2**20, "training steps T")
     # method
     tau: float = arg(0.95, "confidence threshold of the pseudo-labels")

@@ -81,7 +81,7 @@ class Args:
     lr_milestones: str = arg("1/3,2/3", "fractions of --total-steps where the step schedule divides the lr by 10 (Table 6: epochs 100 and 200 of 300)")
     momentum: float = arg(0.9, "SGD Nesterov momentum")
     weight_decay: float = arg(-1.0, "weight decay, not applied to BN and biases; -1 = 5e-4 (1e-3 for cifar100)")
-    ema: float = arg(0.999, "decay of the EMA weights used for evaluation")
+    ema: float = arg(0.999, "decay of the evaluated EMA weights, which start as the initial weights (lower it for short runs)")
     total_steps: int = arg(300 * 1024, "training steps T (Table 6: 300 epochs of 1024 steps)")
     # method
     meta_lr: float = arg(1e-3, "Adam learning rate of the TGN, the method's one extra hyperparameter")
