@@ -1,5 +1,6 @@
 """Behaviour of algorithms/meta_t.py: Meta-T, Green Meta-T and the first-order meta-gradient (CPU, seconds)."""
 
+import ast
 import contextlib
 import json
 import math
@@ -26,6 +27,22 @@ def tiny(tmp_path, *extra, name="run"):
             "--total-steps", "4", "--eval-every", "2", "--log-every", "2", "--workers", "0",
             "--output-dir", str(tmp_path / name), *extra]
 
+
+
+def top_level_definitions(path):
+    source = path.read_text()
+    return {node.name: ast.get_source_segment(source, node) for node in ast.parse(source).body
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+
+
+def test_definitions_shared_with_fixmatch_are_verbatim_copies():
+    # The template's rule: meta_t.py is fixmatch.py plus Meta-T, so that diffing the two shows only the method. A fix
+    # made in one copy of a shared function and not in the other would break it silently.
+    fixmatch = top_level_definitions(ROOT / "algorithms" / "fixmatch.py")
+    meta_t = top_level_definitions(ROOT / "algorithms" / "meta_t.py")
+    changed = sorted(name for name in fixmatch.keys() & meta_t.keys() if fixmatch[name] != meta_t[name])
+    assert changed == ["Args", "check_flags", "make_optimizer", "train"]  # Meta-T's flags, lr schedule and step
+    assert sorted(fixmatch.keys() - meta_t.keys()) == ["fixmatch_loss"]
 
 def records(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
