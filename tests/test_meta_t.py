@@ -28,7 +28,6 @@ def tiny(tmp_path, *extra, name="run"):
             "--output-dir", str(tmp_path / name), *extra]
 
 
-
 def top_level_definitions(path):
     source = path.read_text()
     return {node.name: ast.get_source_segment(source, node) for node in ast.parse(source).body
@@ -43,6 +42,7 @@ def test_definitions_shared_with_fixmatch_are_verbatim_copies():
     changed = sorted(name for name in fixmatch.keys() & meta_t.keys() if fixmatch[name] != meta_t[name])
     assert changed == ["Args", "check_flags", "make_optimizer", "train"]  # Meta-T's flags, lr schedule and step
     assert sorted(fixmatch.keys() - meta_t.keys()) == ["fixmatch_loss"]
+
 
 def records(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
