@@ -628,8 +628,9 @@ def early_ema_note(decay, step):
     them (decay ** step): the evaluation is then far below the trained weights' (digits, FixMatch: chance up to step
     400 and 86% against 95% at step 1000 with --ema 0.999), which would otherwise read as a broken run."""
     left = decay ** step
-    return f" (the EMA weights are still {left:.0%} initial weights: --ema {decay} scores low this early)" \
-        if left > 0.25 else ""
+    if left <= 0.25:
+        return ""
+    return f" (the EMA weights are still {left:.0%} initial weights: --ema {decay} scores low this early)"
 
 
 def to_input(x_u8, device, mean, std, memory_format):

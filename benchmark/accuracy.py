@@ -182,7 +182,10 @@ def main():
             resume = (summary_path.parent / "checkpoint.pt").exists()  # an interrupted run: continue it
             if not resume:
                 summary_path.parent.mkdir(parents=True, exist_ok=True)
-                (summary_path.parent / "benchmark_flags.json").write_text(json.dumps(defining_flags(cmd)))
+                # written whole, then renamed: a benchmark killed here leaves no half file for the next one to read
+                tmp = summary_path.parent / "benchmark_flags.json.tmp"
+                tmp.write_text(json.dumps(defining_flags(cmd)))
+                os.replace(tmp, summary_path.parent / "benchmark_flags.json")
             cmd = [*cmd, "--resume", str(summary_path.parent)] if resume else cmd
             # one write, so that the lines of runs started together do not interleave
             sys.stderr.write(" ".join(cmd[1:]) + "\n")
