@@ -45,6 +45,9 @@ CONFIGS = {
     "meta_t_jvp_cosine": ("meta_t", [*COSINE, "--meta-grad", "jvp"]),
     "meta_t_fd_cosine": ("meta_t", [*COSINE, *FIRST_ORDER]),
     "green_meta_t_fd_k4_cosine": ("meta_t", [*COSINE, *FIRST_ORDER, "--meta-interval", "4"]),
+    # Meta-T at its own defaults, Table 6's batch (32 + 192) and step decay: what `meta_t.py --dataset digits` runs.
+    "meta_t_fd_table6": ("meta_t", FIRST_ORDER),
+    "meta_t_jvp_table6": ("meta_t", ["--meta-grad", "jvp"]),
 }
 
 
