@@ -393,18 +393,16 @@ def _pil(op):
     return run
 
 
-def _shear(img, v, axis):
-    shear = [math.degrees(math.atan(v)), 0.0][:: 1 if axis == 0 else -1]
-    return TF.affine(img, angle=0.0, translate=[0, 0], scale=1.0, shear=shear, fill=128)
-
-
-def _translate(img, v, axis):
-    move = [round(v * img.size[0]), 0][:: 1 if axis == 0 else -1]
-    return TF.affine(img, angle=0.0, translate=move, scale=1.0, shear=[0.0, 0.0], fill=128)
+def _affine(img, a, b, c, d, e, f):
+    """PIL's affine transform, as FixMatch's and USB's RandAugment call it: output pixel (x, y) is read from
+    input (a x + b y + c, d x + e y + f), nearest neighbour, black outside. So a shear pivots on the top-left
+    corner (it also shifts the image by up to 0.3 of its side), not on the centre as torchvision's affine."""
+    return img.transform(img.size, Image.Transform.AFFINE, (a, b, c, d, e, f))
 
 
 # (operation on a uint8 (H, W, C) array, lowest magnitude, highest magnitude): the FixMatch paper's
-# RandAugment table; each is torchvision's operation of the same name (TF.*) on the PIL image.
+# RandAugment table, computed as USB's RandAugment computes it (its ranges; PIL's geometric operations).
+# Each colour operation is torchvision's operation of the same name (TF.*) on the PIL image.
 RANDAUGMENT_OPS = [
     (lambda x, v: x, 0, 1),  # identity
     (lambda x, v: _autocontrast(x), 0, 1),
@@ -413,13 +411,13 @@ RANDAUGMENT_OPS = [
     (lambda x, v: _blend(_grey(x), x, v), 0.05, 0.95),  # saturation ("Color" in PIL): blend with grey
     (_contrast, 0.05, 0.95),
     (_pil(TF.adjust_sharpness), 0.05, 0.95),
-    (lambda x, v: x & np.uint8(~(2 ** (8 - int(v)) - 1) & 255), 4, 8.99),  # posterize to int(v) bits
+    (lambda x, v: x & np.uint8(~(2 ** (8 - int(v)) - 1) & 255), 4, 8),  # posterize to int(v) bits: 4 to 7
     (lambda x, v: np.where(x < v, x, 255 - x), 0, 256),  # solarize above v
-    (_pil(lambda img, v: TF.rotate(img, v, fill=128)), -30, 30),
-    (_pil(lambda img, v: _shear(img, v, 0)), -0.3, 0.3),
-    (_pil(lambda img, v: _shear(img, v, 1)), -0.3, 0.3),
-    (_pil(lambda img, v: _translate(img, v, 0)), -0.3, 0.3),
-    (_pil(lambda img, v: _translate(img, v, 1)), -0.3, 0.3),
+    (_pil(lambda img, v: img.rotate(v)), -30, 30),  # about the centre, black corners
+    (_pil(lambda img, v: _affine(img, 1, v, 0, 0, 1, 0)), -0.3, 0.3),  # shear x
+    (_pil(lambda img, v: _affine(img, 1, 0, 0, v, 1, 0)), -0.3, 0.3),  # shear y
+    (_pil(lambda img, v: _affine(img, 1, 0, v * img.size[0], 0, 1, 0)), -0.3, 0.3),  # translate x
+    (_pil(lambda img, v: _affine(img, 1, 0, 0, 0, 1, v * img.size[1])), -0.3, 0.3),  # translate y
 ]
 
 

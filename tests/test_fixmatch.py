@@ -152,14 +152,17 @@ def test_weak_crop_equals_a_crop_of_the_reflect_padded_image(fixmatch):
 
 def test_randaugment_ops_equal_torchvision_on_pil_images(fixmatch):
     """The colour operations are computed in numpy for speed; every operation must give the pixels
-    torchvision's function of the same name gives on the PIL image, at every magnitude."""
+    torchvision's function of the same name gives on the PIL image (the geometric ones: USB's PIL
+    call), at every magnitude."""
     import torchvision.transforms.functional as TF
+    affine = lambda img, *coefficients: img.transform(img.size, Image.AFFINE, coefficients)
     reference = [
         lambda img, v: img, lambda img, v: TF.autocontrast(img), lambda img, v: TF.equalize(img),
         TF.adjust_brightness, TF.adjust_saturation, TF.adjust_contrast, TF.adjust_sharpness,
-        lambda img, v: TF.posterize(img, int(v)), TF.solarize, lambda img, v: TF.rotate(img, v, fill=128),
-        lambda img, v: fixmatch._shear(img, v, 0), lambda img, v: fixmatch._shear(img, v, 1),
-        lambda img, v: fixmatch._translate(img, v, 0), lambda img, v: fixmatch._translate(img, v, 1)]
+        lambda img, v: TF.posterize(img, int(v)), TF.solarize, lambda img, v: img.rotate(v),
+        lambda img, v: affine(img, 1, v, 0, 0, 1, 0), lambda img, v: affine(img, 1, 0, 0, v, 1, 0),
+        lambda img, v: affine(img, 1, 0, v * img.size[0], 0, 1, 0),
+        lambda img, v: affine(img, 1, 0, 0, 0, 1, v * img.size[1])]
     assert len(reference) == len(fixmatch.RANDAUGMENT_OPS)
     gen = np.random.default_rng(0)
     images = [gen.integers(lo, hi, shape, dtype=np.uint8)  # random ranges: means with every fraction
@@ -174,6 +177,19 @@ def test_randaugment_ops_equal_torchvision_on_pil_images(fixmatch):
             for v in np.linspace(low, high, 9):
                 expected = np.asarray(ref(Image.fromarray(img.reshape(h, w) if c == 1 else img), float(v)))
                 assert np.array_equal(op(img, float(v)), expected.reshape(h, w, c)), (ref, img.shape, v)
+
+
+def test_randaugment_shears_pivot_on_the_top_left_corner(fixmatch):
+    """FixMatch's and USB's shear keeps the first row (column) in place and moves the last by ~0.3 of the
+    side; torchvision's affine would pivot on the centre, a milder augmentation that moves both."""
+    img = np.random.default_rng(0).integers(1, 256, (32, 32, 1), dtype=np.uint8)  # no black pixel
+    shear_x, shear_y = (op for op, low, high in fixmatch.RANDAUGMENT_OPS[10:12])
+    for out in (shear_x(img, 0.3), shear_y(img.transpose(1, 0, 2), 0.3).transpose(1, 0, 2)):
+        assert np.array_equal(out[0], img[0])
+        # output pixel (x, 31) reads input x + 0.3 * 31.5 (pixel centres), rounded down: x + 9
+        assert np.array_equal(out[31, :23], img[31, 9:]) and not out[31, 23:].any()
+    posterize = fixmatch.RANDAUGMENT_OPS[7]
+    assert posterize[1:] == (4, 8)  # USB's range: int(v) keeps 4 to 7 bits, never the identity 8
 
 
 class _Niceness(torch.utils.data.Dataset):
