@@ -26,7 +26,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 
 # name: (algorithm file, extra flags). Meta-T runs with FixMatch's batch (64 + 448) so that every row has
-# the same budget; its own defaults are the paper's Table 6 (32 + 192).
+# the same budget, except the _table6 rows: its own defaults, the paper's Table 6 (32 + 192).
 # The _cosine rows also take FixMatch's lr schedule (the paper's Fig. 4, Setting 2), the others Table 6's step decay.
 # jvp computes the same meta-gradient as exact (a test checks it), in forward mode: 1.4-1.8x faster in benchmark/steps.py.
 SAME_BATCH = ["--batch-size", "64", "--uratio", "7"]
@@ -45,7 +45,7 @@ CONFIGS = {
     "meta_t_jvp_cosine": ("meta_t", [*COSINE, "--meta-grad", "jvp"]),
     "meta_t_fd_cosine": ("meta_t", [*COSINE, *FIRST_ORDER]),
     "green_meta_t_fd_k4_cosine": ("meta_t", [*COSINE, *FIRST_ORDER, "--meta-interval", "4"]),
-    # Meta-T at its own defaults, Table 6's batch (32 + 192) and step decay: what `meta_t.py --dataset digits` runs.
+    # Meta-T at its own defaults (Table 6's batch, 32 + 192, and step decay), with the row's meta-gradient.
     "meta_t_fd_table6": ("meta_t", FIRST_ORDER),
     "meta_t_jvp_table6": ("meta_t", ["--meta-grad", "jvp"]),
     "green_meta_t_fd_k4_table6": ("meta_t", [*FIRST_ORDER, "--meta-interval", "4"]),
