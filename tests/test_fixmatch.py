@@ -155,7 +155,7 @@ def test_randaugment_ops_equal_torchvision_on_pil_images(fixmatch):
     torchvision's function of the same name gives on the PIL image (the geometric ones: USB's PIL
     call), at every magnitude."""
     import torchvision.transforms.functional as TF
-    affine = lambda img, *coefficients: img.transform(img.size, Image.AFFINE, coefficients)
+    affine = lambda img, *coefficients: img.transform(img.size, Image.Transform.AFFINE, coefficients)
     reference = [
         lambda img, v: img, lambda img, v: TF.autocontrast(img), lambda img, v: TF.equalize(img),
         TF.adjust_brightness, TF.adjust_saturation, TF.adjust_contrast, TF.adjust_sharpness,
