@@ -1,8 +1,8 @@
 """Seconds per training step of each algorithm script on the same data, network and batch, and the ratio to
 FixMatch (the Meta-T paper's Sec. 4.5: Meta-T costs about 3x FixMatch, Green Meta-T (k+2)/k).
 
-    python benchmark/steps.py                        # generated data, cnn_small, B = 64, mu = 7, 60 steps each
-    python benchmark/steps.py --dataset digits --steps 200
+    python benchmark/steps.py                        # digits, cnn_small, B = 64, mu = 7, 60 steps each
+    python benchmark/steps.py --dataset fashion_mnist --data-dir /usr/share/datasets/fashion-mnist --net cnn_small_s2
     python benchmark/steps.py --quick                # a smoke check: 20 small steps each
 
 Each variant is its own subprocess, run one after another (never in parallel: they would compete for
@@ -15,7 +15,9 @@ table also gives, per variant, the median and range over rounds of its ratio to 
 same round, which pairs runs made close together when the background load moves. By default the views
 are not augmented (identity): on CPU, RandAugment of the 7 * 64 strong views costs more than the small
 network's step and is the same for every method, so it would dilute the ratios; --augment keeps it.
-Algorithm files that do not exist yet are skipped.
+Algorithm files that do not exist yet are skipped. The runs keep freed memory blocks of up to 32 MiB in glibc's
+malloc (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_), as the README advises for CPU training, unless the caller
+set those variables otherwise.
 """
 
 import argparse
@@ -61,7 +63,7 @@ algorithm.main(sys.argv[4:])
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataset", default="synthetic", help="any --dataset of the scripts (synthetic: generated)")
+    p.add_argument("--dataset", default="digits", help="any --dataset of the scripts")
     p.add_argument("--data-dir", default="", help="--data-dir of every run (--dataset folder, the torchvision datasets)")
     p.add_argument("--net", default="cnn_small", help="network of every run")
     p.add_argument("--batch-size", type=int, default=64, help="labeled batch size B of every run")
@@ -103,7 +105,8 @@ def main():
         common.append("--compile")
     best, rounds, fallback = {}, [{} for _ in range(a.repeat)], set()
     # the repository's sslkernels first (built in place or installed), whatever the current directory
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "1073741824", **os.environ,
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     with tempfile.TemporaryDirectory() as tmp:
         for rnd in range(a.repeat):
             for i, (label, script, flags, _) in enumerate(variants):

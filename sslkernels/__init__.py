@@ -1,4 +1,4 @@
-"""Fused kernels shared by the SSL algorithm files (see ../shared/SPEC.md, "The three fused kernels").
+"""Fused kernels shared by the SSL algorithm files (docs/methods.md, "The fused kernels", says what each computes).
 
 * :func:`masked_ce` -- per-sample ``mask * CE(logits_s, argmax probs_w)`` with the sigmoid
   surrogate (or hard) confidence mask; differentiable twice w.r.t. ``logits_s`` and ``tau``.

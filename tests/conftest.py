@@ -5,7 +5,9 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -19,6 +21,42 @@ def load_algorithm(name):
         sys.modules[key] = module
         spec.loader.exec_module(module)
     return sys.modules[key]
+
+
+def write_image_folder(root, classes=4, per_class=64, size=8, seed=0):
+    """A learnable generated dataset as `--dataset folder` reads it: class c is a bright colour in quadrant c of noisy
+    size x size images; every 4th image of a class goes to test/ (192 train and 64 test images by default)."""
+    rng = np.random.default_rng(seed)
+    half = size // 2
+    for c in range(classes):
+        for i in range(per_class):
+            x = rng.normal(100, 20, (size, size, 3))
+            x[(c // 2 % 2) * half:(c // 2 % 2 + 1) * half, (c % 2) * half:(c % 2 + 1) * half, c % 3] += 120
+            folder = Path(root) / ("test" if i % 4 == 0 else "train") / f"class{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.clip(x, 0, 255).astype(np.uint8)).save(folder / f"{i:03d}.png")
+    return Path(root)
+
+
+SYNTHETIC = None  # the generated dataset's folder, written once per test session
+
+
+@pytest.fixture(scope="session", autouse=True)
+def synthetic_data(tmp_path_factory):
+    global SYNTHETIC
+    SYNTHETIC = write_image_folder(tmp_path_factory.mktemp("synthetic"))
+    return SYNTHETIC
+
+
+def data_flags(root=None):
+    """Flags that train on the generated dataset (4 classes of 8x8 images) with the small network."""
+    return ["--dataset", "folder", "--data-dir", str(root or SYNTHETIC), "--image-size", "8", "--net", "cnn_small"]
+
+
+def tiny(tmp_path, *extra, name="run"):
+    """Flags of a few-step run on the generated dataset."""
+    return [*data_flags(), "--labels", "8", "--batch-size", "8", "--uratio", "2", "--total-steps", "4", "--eval-every", "2",
+            "--log-every", "2", "--workers", "0", "--output-dir", str(tmp_path / name), *extra]
 
 
 def error_of(algorithm, argv):

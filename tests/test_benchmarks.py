@@ -11,7 +11,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+import conftest
+from conftest import ROOT, load_algorithm
 
 
 def run_benchmark(script, *flags):
@@ -102,14 +103,19 @@ def test_kernel_benchmark_floor_writes_the_full_gradient(hard):
     assert [g.shape for g in calls["eager"]()] == [g.shape for g in floor_grads]
 
 
+def data():
+    """The generated dataset's flags but --dataset, for accuracy.py's --extra."""
+    return " ".join(conftest.data_flags()[2:])
+
+
 def test_accuracy_benchmark_resumes_an_interrupted_run(tmp_path):
-    common = ["--configs", "fixmatch", "--seeds", "0", "--dataset", "synthetic", "--labels", "8", "--total-steps", "4",
+    common = ["--configs", "fixmatch", "--seeds", "0", "--dataset", "folder", "--labels", "8", "--total-steps", "4",
               "--workers", "0", "--out-dir", str(tmp_path)]
-    run_benchmark("accuracy.py", *common, "--extra", "--batch-size 8 --uratio 2 --eval-every 2 --stop-after 2")
-    run_dir = tmp_path / "fixmatch_synthetic_8_seed0"
+    run_benchmark("accuracy.py", *common, "--extra", f"{data()} --batch-size 8 --uratio 2 --eval-every 2 --stop-after 2")
+    run_dir = tmp_path / "fixmatch_folder_8_seed0"
     before = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(l)["step"] for l in before] == [2, 2] and (run_dir / "checkpoint.pt").exists()
-    out = run_benchmark("accuracy.py", *common, "--extra", "--batch-size 8 --uratio 2 --eval-every 2")
+    out = run_benchmark("accuracy.py", *common, "--extra", f"{data()} --batch-size 8 --uratio 2 --eval-every 2")
     top1 = 100 * json.loads((run_dir / "summary.json").read_text())["top1"]
     assert table_rows(out)["fixmatch"][0] == f"{top1:.2f} ± 0.00", out
     after = (run_dir / "metrics.jsonl").read_text().splitlines()
@@ -120,9 +126,9 @@ def test_accuracy_benchmark_resumes_an_interrupted_run(tmp_path):
 def test_accuracy_benchmark_pairs_each_configuration_with_the_first_by_seed(tmp_path):
     seeds = [0, 1, 2]
     out = run_benchmark("accuracy.py", "--configs", "fixmatch", "supervised", "--seeds", *map(str, seeds),
-                        "--dataset", "synthetic", "--labels", "8", "--total-steps", "6", "--workers", "0",
-                        "--out-dir", str(tmp_path), "--extra", "--batch-size 8 --uratio 2")
-    summary = lambda name, seed: json.loads((tmp_path / f"{name}_synthetic_8_seed{seed}" / "summary.json").read_text())
+                        "--dataset", "folder", "--labels", "8", "--total-steps", "6", "--workers", "0",
+                        "--out-dir", str(tmp_path), "--extra", f"{data()} --batch-size 8 --uratio 2")
+    summary = lambda name, seed: json.loads((tmp_path / f"{name}_folder_8_seed{seed}" / "summary.json").read_text())
     top1 = {(name, seed): 100 * summary(name, seed)["top1"] for name in ("fixmatch", "supervised") for seed in seeds}
     diff = np.array([round(top1["supervised", s] - top1["fixmatch", s], 6) + 0.0 for s in seeds])
     paired = table_rows(out.split("top-1 minus fixmatch's, same seed")[1])["supervised"]
@@ -136,32 +142,53 @@ def test_accuracy_benchmark_pairs_each_configuration_with_the_first_by_seed(tmp_
 def test_accuracy_benchmark_prints_each_classs_top1_averaged_over_seeds(tmp_path):
     seeds = [0, 1]
     out = run_benchmark("accuracy.py", "--configs", "fixmatch", "supervised", "--seeds", *map(str, seeds),
-                        "--dataset", "synthetic", "--total-steps", "6", "--workers", "0", "--out-dir", str(tmp_path),
-                        "--per-class", "--extra", "--batch-size 8 --uratio 2 --n1 4 --m1 8 --gamma-l 4 --gamma-u 4")
+                        "--dataset", "folder", "--total-steps", "6", "--workers", "0", "--out-dir", str(tmp_path),
+                        "--per-class", "--extra", f"{data()} --batch-size 8 --uratio 2 --n1 4 --m1 8 --gamma-l 4 --gamma-u 4")
     table = table_rows(out.split("top-1 % per class (mean over seeds)")[1])
     for name in ("fixmatch", "supervised"):
-        per_seed = [json.loads((tmp_path / f"{name}_synthetic_40_seed{s}" / "summary.json").read_text())["per_class_acc"]
+        per_seed = [json.loads((tmp_path / f"{name}_folder_40_seed{s}" / "summary.json").read_text())["per_class_acc"]
                     for s in seeds]
         assert table[name] == [f"{100 * np.mean(accs):.1f}" for accs in zip(*per_seed)], out
     assert len(table["fixmatch"]) == 4  # the synthetic data's classes
 
 
 def test_accuracy_benchmark_refuses_to_read_back_a_run_of_other_flags(tmp_path):
-    common = ["--configs", "fixmatch", "--seeds", "0", "--dataset", "synthetic", "--labels", "8", "--total-steps", "2",
+    common = ["--configs", "fixmatch", "--seeds", "0", "--dataset", "folder", "--labels", "8", "--total-steps", "2",
               "--workers", "0", "--out-dir", str(tmp_path)]
-    run_benchmark("accuracy.py", *common, "--extra", "--batch-size 8 --uratio 2 --tau 0.5")
+    run_benchmark("accuracy.py", *common, "--extra", f"{data()} --batch-size 8 --uratio 2 --tau 0.5")
     refuse = lambda extra: subprocess.run([sys.executable, str(ROOT / "benchmark" / "accuracy.py"), *common, "--extra",
-                                           extra], capture_output=True, text=True, timeout=300)
+                                           f"{data()} {extra}"], capture_output=True, text=True, timeout=300)
     # --tau left out: only the flags the benchmark saved in the run's folder tell
     proc = refuse("--batch-size 8 --uratio 2")
-    assert proc.returncode != 0 and "fixmatch_synthetic_8_seed0 (run as fixmatch.py" in proc.stderr, proc.stderr
+    assert proc.returncode != 0 and "fixmatch_folder_8_seed0 (run as fixmatch.py" in proc.stderr, proc.stderr
     # a run from before that file: the flags given are checked against the args in its summary.json
-    (tmp_path / "fixmatch_synthetic_8_seed0" / "benchmark_flags.json").unlink()
+    (tmp_path / "fixmatch_folder_8_seed0" / "benchmark_flags.json").unlink()
     proc = refuse("--batch-size 8 --uratio 2 --tau 0.7")
     assert proc.returncode != 0 and "--tau 0.7 (there: 0.5)" in proc.stderr, proc.stderr
     # the same flags, and those that change only how it runs, read the run back (not run again)
-    summary = tmp_path / "fixmatch_synthetic_8_seed0" / "summary.json"
+    summary = tmp_path / "fixmatch_folder_8_seed0" / "summary.json"
     written = summary.stat().st_mtime_ns
-    out = run_benchmark("accuracy.py", *common, "--extra", "--batch-size 8 --uratio 2 --tau 0.5 --log-every 1")
+    out = run_benchmark("accuracy.py", *common, "--extra", f"{data()} --batch-size 8 --uratio 2 --tau 0.5 --log-every 1")
     assert table_rows(out)["fixmatch"][0] == f"{100 * json.loads(summary.read_text())['top1']:.2f} ± 0.00", out
     assert summary.stat().st_mtime_ns == written
+
+
+def test_evaluation_benchmark_scores_a_run_four_ways(tmp_path):
+    fixmatch = load_algorithm("fixmatch")
+    summary = fixmatch.train(fixmatch.parse_args(conftest.tiny(tmp_path, "--total-steps", "6", "--eval-every", "6")))
+    row = table_rows(run_benchmark("evaluation.py", str(tmp_path / "run"), "--threads", "1"))[str(tmp_path / "run")]
+    assert row[0] == "6" and row[1] == f"{100 * summary['top1']:.2f}"  # the run's own evaluation, repeated
+    assert all(0 <= float(v) <= 100 for v in row[1:5])
+
+
+def test_recomputed_batchnorm_statistics_average_the_batches(tmp_path):
+    spec = importlib.util.spec_from_file_location("evaluation", ROOT / "benchmark" / "evaluation.py")
+    evaluation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluation)
+    images = torch.randn(1300, 3) * 2 + 1
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3), torch.nn.Dropout(0.5))
+    recomputed = evaluation.recompute_batchnorm(model, images, lambda x: x)
+    inputs = model[0](images).detach()  # two batches of 650
+    assert torch.allclose(recomputed[1].running_mean, inputs.mean(0), atol=1e-5)
+    assert torch.allclose(recomputed[1].running_var, (inputs[:650].var(0) + inputs[650:].var(0)) / 2, rtol=1e-5)
+    assert not recomputed.training and model[1].running_mean.abs().max() == 0  # the model itself is left as it was

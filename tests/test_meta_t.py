@@ -13,19 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad
 
-from conftest import ROOT, error_of, load_algorithm, signal_in_step
+from conftest import ROOT, error_of, load_algorithm, signal_in_step, tiny
 
 
 @pytest.fixture(scope="session")
 def meta_t():
     return load_algorithm("meta_t")
-
-
-def tiny(tmp_path, *extra, name="run"):
-    """Flags of a few-step run on the generated dataset."""
-    return ["--dataset", "synthetic", "--labels", "8", "--batch-size", "8", "--uratio", "2",
-            "--total-steps", "4", "--eval-every", "2", "--log-every", "2", "--workers", "0",
-            "--output-dir", str(tmp_path / name), *extra]
 
 
 def top_level_definitions(path):
@@ -40,7 +33,7 @@ def test_definitions_shared_with_fixmatch_are_verbatim_copies():
     fixmatch = top_level_definitions(ROOT / "algorithms" / "fixmatch.py")
     meta_t = top_level_definitions(ROOT / "algorithms" / "meta_t.py")
     changed = sorted(name for name in fixmatch.keys() & meta_t.keys() if fixmatch[name] != meta_t[name])
-    assert changed == ["Args", "check_flags", "make_optimizer", "train"]  # Meta-T's flags, lr schedule and step
+    assert changed == ["Args", "make_optimizer", "parse_args", "train"]  # Meta-T's flags, lr schedule and step
     assert sorted(fixmatch.keys() - meta_t.keys()) == ["fixmatch_loss"]
 
 
@@ -49,6 +42,7 @@ def records(out):
 
 
 @pytest.mark.parametrize("extra", [
+    [],  # --meta-grad jvp
     ["--meta-grad", "exact"],
     ["--meta-grad", "jvp", "--lr-schedule", "cosine"],
     ["--meta-grad", "fd", "--plots"],
@@ -145,7 +139,7 @@ def bilevel_problem(meta_t, batchnorm, dtype=torch.float32, dropout=False):
                                     torch.nn.Dropout2d(0.3), torch.nn.Flatten(), torch.nn.Linear(4 * 64, classes)).to(dtype)
         x = torch.randn(b * (1 + 2 * mu), 1, 8, 8, dtype=dtype)
     elif batchnorm:
-        model = meta_t.SmallCNN(1, classes).to(dtype)
+        model = meta_t.NETS["cnn_small"](1, classes).to(dtype)
         x = torch.randn(b * (1 + 2 * mu), 1, 8, 8, dtype=dtype)
     else:
         model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 8), torch.nn.Tanh(),
@@ -364,14 +358,16 @@ def test_sigterm_ends_the_step_with_a_checkpoint(meta_t, tmp_path, monkeypatch):
     assert meta_t.train(meta_t.parse_args(["--resume", str(tmp_path / "run"), "--workers", "0"]))["finished"]
 
 
-def test_resume_is_bitwise_equal_to_an_uninterrupted_run(meta_t, tmp_path):
-    common = ["--total-steps", "7", "--eval-every", "3", "--meta-interval", "2"]
+@pytest.mark.parametrize("meta_grad", ["jvp", "fd"])
+def test_resume_is_bitwise_equal_to_an_uninterrupted_run(meta_t, tmp_path, meta_grad):
+    common = ["--total-steps", "7", "--eval-every", "3", "--meta-interval", "2", "--meta-grad", meta_grad]
     full = meta_t.train(meta_t.parse_args(tiny(tmp_path, *common, name="full")))
     meta_t.train(meta_t.parse_args(tiny(tmp_path, *common, "--stop-after", "4", name="cut")))
     resumed = meta_t.train(meta_t.parse_args(tiny(tmp_path, *common, "--resume", str(tmp_path / "cut"), name="cut")))
     a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
     b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
-    assert sorted(a) == sorted(meta_t.CHECKPOINT_KEYS)  # what --resume requires is what train() saves
+    assert sorted(a) == ["algorithm", "args", "best_top1", "ema_model", "meta_optimizer", "model", "optimizer", "prob_bank",
+                         "rng", "scheduler", "seconds", "step", "tau_bank", "tgn"]
 
     def tensors(ckpt):
         yield from ckpt["model"].items()
@@ -392,7 +388,7 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(meta_t, tmp_path):
 
 
 def test_lr_is_divided_by_10_at_one_and_two_thirds(meta_t):
-    model = meta_t.SmallCNN(1, 10)
+    model = meta_t.NETS["cnn_small"](1, 10)
     _, sched = meta_t.make_optimizer(model, meta_t.parse_args([]))  # Table 6: 300 epochs of 1024 steps
     decay = sched.lr_lambdas[0]
     assert [decay(t) for t in (0, 102399, 102400, 204799)] == [1, 1, 0.1, 0.1] and math.isclose(decay(204800), 0.01)
@@ -400,22 +396,20 @@ def test_lr_is_divided_by_10_at_one_and_two_thirds(meta_t):
 
 @pytest.mark.parametrize("dataset, flags, mu", [("cifar10", [], 6), ("cifar100", [], 6), ("svhn", [], 6),
                                                ("stl10", [], 4), ("stl10", ["--uratio", "3"], 3)])
-def test_default_unlabeled_batch_is_table_6s(meta_t, tmp_path, monkeypatch, dataset, flags, mu):
-    seen = []
+def test_default_unlabeled_batch_is_table_6s(meta_t, dataset, flags, mu):
+    assert meta_t.parse_args(["--dataset", dataset, *flags]).uratio == mu
 
-    def record_and_stop(args):  # the data would need a download
-        seen.append(args.uratio)
-        raise meta_t.UserError("stop here")
 
-    monkeypatch.setattr(meta_t, "load_data", record_and_stop)
-    with pytest.raises(meta_t.UserError, match="stop here"):
-        meta_t.train(meta_t.parse_args(["--dataset", dataset, "--device", "cpu", "--output-dir", str(tmp_path), *flags]))
-    assert seen == [mu]
+def test_defaults_compute_the_exact_meta_gradient_the_fastest_way(meta_t):
+    assert meta_t.parse_args([]).meta_grad == "jvp" and meta_t.parse_args([]).jvp_reuse_forward
+    help_text = subprocess.run([sys.executable, str(ROOT / "algorithms" / "meta_t.py"), "--help"], capture_output=True,
+                               text=True, timeout=120).stdout
+    assert "(default: jvp)" in " ".join(help_text.split())
 
 
 def test_cosine_schedule_is_fixmatchs(meta_t):
     fixmatch = load_algorithm("fixmatch")
-    model, flags = meta_t.SmallCNN(1, 10), ["--total-steps", "3000"]
+    model, flags = meta_t.NETS["cnn_small"](1, 10), ["--total-steps", "3000"]
     _, cosine = meta_t.make_optimizer(model, meta_t.parse_args([*flags, "--lr-schedule", "cosine"]))
     _, reference = fixmatch.make_optimizer(model, fixmatch.parse_args(flags))
     assert [cosine.lr_lambdas[0](t) for t in (0, 1000, 2999)] == [reference.lr_lambdas[0](t) for t in (0, 1000, 2999)]
@@ -469,18 +463,18 @@ def test_torch_deterministic_flag_sets_cudnn(meta_t, tmp_path):
 
 def test_bad_method_flags_get_one_clear_line(meta_t, tmp_path):
     assert "--meta-interval must be positive" in error_of(meta_t, tiny(tmp_path, "--meta-interval", "0"))
-    assert "unknown --meta-grad 'second'" in error_of(meta_t, tiny(tmp_path, "--meta-grad", "second"))
-    assert "unknown --fd-direction-at 'v'" in error_of(meta_t, tiny(tmp_path, "--fd-direction-at", "v"))
-    assert "unknown --lr-schedule 'linear'; choose step or cosine" in error_of(
-        meta_t, tiny(tmp_path, "--lr-schedule", "linear"))
-    assert "--beta must be finite" in error_of(meta_t, tiny(tmp_path, "--beta", "inf"))
-    assert "--beta must be positive, got nan" in error_of(meta_t, tiny(tmp_path, "--beta", "nan"))
-    assert "--meta-lr must be positive, got nan" in error_of(meta_t, tiny(tmp_path, "--meta-lr", "nan"))
-    assert "--meta-lr must be finite" in error_of(meta_t, tiny(tmp_path, "--meta-lr", "inf"))
+    assert "--meta-grad must be jvp, exact or fd, got second" in error_of(meta_t, tiny(tmp_path, "--meta-grad", "second"))
+    assert "--fd-direction-at must be w_hat or w, got v" in error_of(meta_t, tiny(tmp_path, "--fd-direction-at", "v"))
+    assert "--lr-schedule must be step or cosine, got linear" in error_of(meta_t, tiny(tmp_path, "--lr-schedule", "linear"))
+    assert "--beta must be positive and finite, got inf" in error_of(meta_t, tiny(tmp_path, "--beta", "inf"))
+    assert "--beta must be positive and finite, got nan" in error_of(meta_t, tiny(tmp_path, "--beta", "nan"))
+    assert "--meta-lr must be positive and finite, got nan" in error_of(meta_t, tiny(tmp_path, "--meta-lr", "nan"))
+    assert "--meta-lr must be positive and finite, got inf" in error_of(meta_t, tiny(tmp_path, "--meta-lr", "inf"))
     assert "--lr-milestones '1/3,x'" in error_of(meta_t, tiny(tmp_path, "--lr-milestones", "1/3,x"))
+    assert "--compile has no double backward" in error_of(meta_t, tiny(tmp_path, "--compile", "--meta-grad", "exact"))
     meta_t.train(meta_t.parse_args(tiny(tmp_path, "--stop-after", "1", name="r")))
     msg = error_of(meta_t, tiny(tmp_path, "--meta-grad", "fd", "--resume", str(tmp_path / "r"), name="r"))
-    assert msg.endswith("differ from the checkpoint's: --meta-grad fd (checkpoint: exact)")
+    assert msg.endswith("differ from the checkpoint's: --meta-grad fd (checkpoint: jvp)")
     msg = error_of(meta_t, tiny(tmp_path, "--meta-lr", "0.01", "--resume", str(tmp_path / "r"), name="r"))
     assert msg.endswith("differ from the checkpoint's: --meta-lr 0.01 (checkpoint: 0.001)")
     # whether the jvp pass reuses the forward changes its speed (and rounding), not what is trained
@@ -496,3 +490,22 @@ def test_bad_method_flags_get_one_clear_line(meta_t, tmp_path):
         "not a checkpoint of fixmatch.py (written by meta_t.py)")
     assert "holds an earlier run's checkpoint" in error_of(meta_t, tiny(tmp_path, name="f"))
     assert "tgn" not in torch.load(tmp_path / "f" / "checkpoint.pt", weights_only=False)  # still FixMatch's
+
+
+def test_a_meta_step_moves_the_tgn_by_adams_step_down_the_meta_gradient(meta_t, tmp_path, monkeypatch):
+    """train() hands meta_gradient's output to Adam as the TGN's gradient: after the first step, each TGN parameter
+    has moved by Adam's first step, -meta_lr * g / (|g| + eps), against its meta-gradient g."""
+    grads, initial, real = [], [], meta_t.meta_gradient
+
+    def recording(model, tgn, *a, **kw):
+        initial.append([p.detach().clone() for p in tgn.parameters()])
+        out = real(model, tgn, *a, **kw)
+        grads.append([g.clone() for g in out[0]])
+        return out
+
+    monkeypatch.setattr(meta_t, "meta_gradient", recording)
+    meta_t.train(meta_t.parse_args(tiny(tmp_path, "--total-steps", "1", "--eval-every", "1", "--meta-lr", "0.01")))
+    after = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["tgn"].values()
+    assert len(grads) == 1 and all(g.abs().max() > 0 for g in grads[0])
+    for p0, g, p1 in zip(initial[0], grads[0], after, strict=True):
+        assert torch.allclose(p1, p0 - 0.01 * g / (g.abs() + 1e-8), rtol=0, atol=1e-7)
