@@ -47,7 +47,7 @@ def arg(default, help, valid=None):  # valid: (test, what the error line says th
 
 
 POSITIVE, NON_NEGATIVE = (lambda v: v > 0, "positive"), (lambda v: v >= 0, "0 or positive")  # NaN fails both
-FINITE = (lambda v: 0 <= v < math.inf, "0 or a positive finite number")
+FINITE, FRACTION = (lambda v: 0 <= v < math.inf, "0 or a positive finite number"), (lambda v: 0 <= v <= 1, "in [0, 1]")
 
 
 @dataclass
@@ -71,8 +71,7 @@ class Args:
     momentum: float = arg(0.9, "SGD Nesterov momentum", (lambda v: 0 < v < 1, "in (0, 1) (Nesterov SGD needs some)"))
     weight_decay: float = arg(-1.0, "weight decay, not applied to BN and biases; -1 = 5e-4 (1e-3 for cifar100)",
                               (lambda v: v == -1 or 0 <= v < math.inf, "-1 (the dataset's default), 0 or a positive finite number"))
-    ema: float = arg(0.999, "decay of the evaluated EMA of the weights, warmed up as min(ema, (1 + t) / (10 + t)) at step t",
-                      (lambda v: 0 <= v <= 1, "a decay in [0, 1]"))
+    ema: float = arg(0.999, "decay of the EMA of the weights that is evaluated; at step t: min(ema, (1+t)/(10+t))", FRACTION)
     total_steps: int = arg(2**20, "training steps T", POSITIVE)
     # method
     tau: float = arg(0.95, "confidence threshold of the pseudo-labels (above 1: none passes)", (lambda v: v == v, "a number"))
@@ -115,9 +114,9 @@ def parse_args(argv=None) -> Args:
     for f in dataclasses.fields(Args):
         kind = {"action": argparse.BooleanOptionalAction} if isinstance(f.default, bool) else {"type": type(f.default)}
         parser.add_argument(flag(f.name), default=f.default, help=f.metadata["help"], **kind)
-    if resume := parser.parse_known_args(argv)[0].resume:  # the flags left out are the checkpoint's, but this call's
-        per_invocation = ("device", "workers", "threads", "resume", "overwrite", "stop_after", "output_dir")
-        saved = load_checkpoint(resume, mmap=True)["args"]  # train() loads the tensors
+    if resume := parser.parse_known_args(argv)[0].resume:  # a flag left out takes the checkpoint's value, but these
+        per_invocation = ("device", "workers", "resume", "overwrite", "stop_after", "output_dir")
+        saved = load_checkpoint(resume, mmap=True)["args"]  # Run loads the tensors
         parser.set_defaults(**{k: v for k, v in saved.items() if k in Args.__dataclass_fields__ and k not in per_invocation})
     args = Args(**vars(parser.parse_args(argv)))
     # the defaults that depend on the dataset and the machine; a bad flag stops the run here, in one line
@@ -162,10 +161,10 @@ def load_torchvision(name, root):
         try:
             return cls(root, download=True, **kw)
         except Exception as e:
-            raise UserError(f"could not load {name} from {root!r} nor download it ({type(e).__name__}: {e}). Offline, put "
-                            f"the files torchvision expects for {cls.__name__} in --data-dir (for mnist and fashion_mnist "
-                            "the four IDX files, gzipped or not: Debian's dataset-fashion-mnist puts Fashion-MNIST's in "
-                            "/usr/share/datasets/fashion-mnist), or use --dataset digits or --dataset folder.") from None
+            raise UserError(f"could not load {name} from {root!r} nor download it ({type(e).__name__}: {' '.join(str(e).split())})."
+                            f" Offline, put the files torchvision expects for {cls.__name__} in --data-dir (for mnist and "
+                            "fashion_mnist the four IDX files, gzipped or not: Debian's dataset-fashion-mnist puts Fashion-MNIST's"
+                            " in /usr/share/datasets/fashion-mnist), or use --dataset digits or --dataset folder.") from None
 
     def read_idx(path):  # MNIST's format: 0 0 8 <dims>, each dimension a big-endian uint32, then the bytes
         try:
@@ -232,11 +231,16 @@ def load_digits():
 def load_data(args):
     """The dataset's arrays, its number of classes, and the per-channel mean and std that normalise it."""
     classes, mean, std = DATASETS[args.dataset][:3]
-    if args.dataset == "folder":
-        *data, classes = load_folder(args.data_dir, args.image_size)
-        pixels = data[0].reshape(-1, data[0].shape[-1])
-        return (*data[:4], classes, tuple(pixels.mean(0) / 255), tuple(np.maximum(pixels.std(0), 1) / 255))
-    train_x, train_y, test_x, test_y = load_digits() if args.dataset == "digits" else load_torchvision(args.dataset, args.data_dir)
+    if args.dataset == "folder":  # its own mean and std per channel, summed in float64 over slices (np.std copies all)
+        train_x, train_y, test_x, test_y, classes = load_folder(args.data_dir, args.image_size)
+        m1, m2 = sum(np.stack([(p := part.reshape(-1, part.shape[-1]).astype(np.float64)).sum(0), (p * p).sum(0)])
+                     for part in np.array_split(train_x, -(-len(train_x) // 1000))) / train_x[..., 0].size
+        mean, std = tuple(m1 / 255), tuple(np.sqrt(np.maximum(m2 - m1 * m1, 1)) / 255)  # std >= 1/255: never divide by 0
+    else:
+        train_x, train_y, test_x, test_y = load_digits() if args.dataset == "digits" else load_torchvision(args.dataset, args.data_dir)
+    check(train_x.ndim == test_x.ndim == 4 and train_y.ndim == test_y.ndim == 1 and len(train_x) == len(train_y) > 0 and
+          len(test_x) == len(test_y) > 0 and train_y.max() < classes and 0 <= test_y.min() <= test_y.max() < classes,
+          f"--dataset {args.dataset}: the images and labels in {args.data_dir} do not match (their counts, shapes or classes)")
     return train_x, train_y.astype(np.int64), test_x, test_y.astype(np.int64), classes, mean, std
 
 
@@ -279,7 +283,7 @@ def _reflect(start, size):
 
 
 def weak_augment(x, rng, flip):
-    """uint8 (H, W, C) -> random horizontal flip (not for digits / SVHN), then a random crop of the image reflect-padded by
+    """uint8 (H, W, C) -> random horizontal flip (where DATASETS allows it), then a random crop of the image reflect-padded by
     12.5% of its side, gathered from the image directly (np.pad first costs 10x more)."""
     if flip and rng.random() < 0.5:
         x = x[:, ::-1]
@@ -336,7 +340,8 @@ def sample_indices(n, count, step, seed, stream):
 
 
 def augmentation_rng(seed, step):
-    """The random.Random of step `step`'s augmentations: its key (two forms below and above step 1_000_003) is unique."""
+    """The random.Random of step `step`'s augmentations, keyed by (seed, step) alone: seed * 1_000_003 + step, as always
+    (earlier runs repeat), until that would repeat seed + 1's keys; then 2^96 + seed * 2^64 + step, above all of those."""
     return random.Random(seed * 1_000_003 + step if step < 1_000_003 else 2**96 + (seed << 64) + step)
 
 
@@ -358,8 +363,7 @@ def worker_init(_):
     if hasattr(os, "nice"):  # at equal priority, workers preempt the training threads, which then wait for each other
         os.nice(19)
     # Ctrl-C and SIGTERM may reach the whole process group: the trainer ends its step and shuts the workers down
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
+    signal.signal(signal.SIGINT, signal.SIG_IGN), signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
 
 
 # --- Networks: `features(x) -> (N, D)`, then the linear `head`, so that methods which treat the extractor and the
@@ -391,7 +395,7 @@ class WRNBlock(nn.Module):
 def wide_resnet(in_channels, classes, width, groups=3, first_stride=1):
     """WRN-28-k (3 groups of 4 blocks) and USB's WRN-37-2 for STL-10 (4 groups, first stride 2), USB's initialisation."""
     chans, layers = [16] + [16 * width * 2**g for g in range(groups)], [nn.Conv2d(in_channels, 16, 3, 1, 1)]
-    for g in range(groups):  # the first block of a group changes the width (and the resolution, but in group 0)
+    for g in range(groups):  # the first block of a group changes the width (and the resolution: first_stride in group 0)
         layers += [WRNBlock(chans[g + (b > 0)], chans[g + 1], 1 if b else first_stride if g == 0 else 2) for b in range(4)]
     net = features_and_head(nn.Sequential(*layers, nn.BatchNorm2d(chans[-1], momentum=0.001, eps=0.001), nn.LeakyReLU(0.1),
                             nn.AdaptiveAvgPool2d(1), nn.Flatten()), nn.Linear(chans[-1], classes))
@@ -472,7 +476,7 @@ def ema_update(ema_model, model, decay, step):
         if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.track_running_stats and bn.momentum:
             initial_share = (1 - bn.momentum) ** step
             bn.running_mean.div_(1 - initial_share)
-            bn.running_var.sub_(initial_share).div_(1 - initial_share)
+            bn.running_var.sub_(initial_share).div_(1 - initial_share).clamp_(min=0)  # float32's rounding, in early steps
 
 
 @torch.no_grad()
@@ -508,12 +512,12 @@ def load_checkpoint(where, mmap=False):
         ours = isinstance(ckpt, dict) and isinstance(ckpt.get("args"), dict) and "algorithm" in ckpt
         written_by = f"written by {ckpt['algorithm']}.py" if ours else "not one of this project"
     except Exception as e:
-        written_by = f"unreadable: {e}"
+        written_by = f"unreadable, cut short or not written by torch.save: {type(e).__name__}"
     check(written_by == f"written by {ALGORITHM}.py", f"cannot resume from {path}: not a checkpoint of {ALGORITHM}.py ({written_by})")
     return ckpt
 
 
-# Flags that say where and how fast a run goes; --resume refuses to change any other (the optimizer's state could mask it)
+# What --resume lets change: where, how fast, what a run writes (bitwise equal: same device, --threads, bf16, compile...)
 RESUME_MAY_DIFFER = ("data_dir", "device", "workers", "threads", "eval_every", "log_every", "eval_batch_size", "output_dir",
                      "resume", "overwrite", "stop_after", "channels_last", "bf16", "compile", "tensorboard", "torch_deterministic")
 
@@ -537,6 +541,8 @@ class Run:
             check(not (run_dir / "split.json").is_file() or json.loads((run_dir / "split.json").read_text()) == split,
                   f"--resume {args.resume}: the data has changed since that run began (its labeled, validation or "
                   f"unlabeled set differs from {run_dir / 'split.json'}); resume it on the same data")
+            check(Path(args.resume).is_dir() or Path(args.resume).name == "checkpoint.pt" or args.overwrite or not (run_dir /
+                  "checkpoint.pt").exists(), f"--resume {args.resume} would replace {run_dir}/checkpoint.pt; --overwrite allows it")
             check(not args.output_dir or Path(args.output_dir).resolve() == run_dir.resolve(), f"--resume {args.resume} "
                   f"continues the run in its own folder, not in --output-dir {args.output_dir} (copy the folder there first)")
             missing = [k for k in state if k not in ckpt]
@@ -551,8 +557,7 @@ class Run:
             write_atomically(out / "split.json", lambda f: f.write_text(json.dumps(split)))
         except OSError as e:
             raise UserError(f"cannot write to --output-dir {out}: {e.strerror or e}") from None
-        # the run's records up to its checkpoint (the interrupted run may have logged later steps, or a line cut short);
-        # nothing of an earlier run beside a fresh one's
+        # the run's records up to its checkpoint (not the later or cut-short lines of a stopped run); none beside a fresh run
         logged = (out / "metrics.jsonl").read_text().splitlines() if ckpt and (out / "metrics.jsonl").exists() else []
         kept = "".join(l + "\n" for l in logged if (m := re.fullmatch(r'{"step": (\d+), .*}', l)) and int(m[1]) <= ckpt["step"])
         write_atomically(out / "metrics.jsonl", lambda f: f.write_text(kept))
@@ -619,9 +624,7 @@ def train(args):
     device = torch.device(args.device)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic  # else cuDNN may pick algorithms whose atomics vary
     train_x, train_y, test_x, test_y, classes, mean, std = load_data(args)
     labeled_idx, unlabeled_idx, val_idx = split_labeled(train_y, classes, args, np.random.default_rng(args.seed))
@@ -678,8 +681,7 @@ def train(args):
             with autocast():
                 logits = forward(inputs).float()
             if args.labeled_only:
-                loss = F.cross_entropy(logits, y_l)
-                stats = {"loss_s": loss}
+                stats = {"loss_s": (loss := F.cross_entropy(logits, y_l))}
             else:
                 # ---- FixMatch (the part other methods change) ----
                 loss, stats, mask, pseudo_label = fixmatch_loss(logits, y_l, args)
@@ -711,12 +713,11 @@ def train(args):
                 sums, n_logged, window_start = None, 0, time.perf_counter()
             if step % args.eval_every == 0 or step == args.total_steps:
                 eval_result = evaluate(ema_model, test_images, test_labels, classes, args, prepare, autocast)
-                run.best_top1 = max(eval_result["top1"], run.best_top1 or 0.0)
-                rec = {"step": step, "kind": "eval", **eval_result, "best_top1": run.best_top1}
-                if len(val_idx):
+                if len(val_idx):  # also in summary.json: a model chosen by it has not seen the test set
                     val = evaluate(ema_model, val_images, val_labels, classes, args, prepare, autocast)
-                    rec.update(val_top1=val["top1"], val_balanced_acc=val["balanced_acc"])
-                run.log(rec)
+                    eval_result.update(val_top1=val["top1"], val_balanced_acc=val["balanced_acc"])
+                run.best_top1 = max(eval_result["top1"], run.best_top1 or 0.0)
+                run.log({"step": step, "kind": "eval", **eval_result, "best_top1": run.best_top1})
                 run.save(step)
             if stopping:
                 last_step = step

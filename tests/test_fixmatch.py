@@ -1,5 +1,6 @@
 """Behaviour of algorithms/fixmatch.py, the template of every algorithm file (CPU, seconds)."""
 
+import copy
 import gzip
 import json
 import math
@@ -313,6 +314,20 @@ def test_resume_refuses_another_output_dir(fixmatch, tmp_path):
                                                "--workers", "0"]))["finished"]
 
 
+def test_resume_keeps_the_threads_and_never_replaces_a_later_checkpoint(fixmatch, tmp_path):
+    fixmatch.train(fixmatch.parse_args(tiny(tmp_path, "--threads", "1", "--stop-after", "1")))
+    assert fixmatch.parse_args(["--resume", str(tmp_path / "run")]).threads == 1  # as the run's: the same rounding
+    assert fixmatch.parse_args(["--resume", str(tmp_path / "run"), "--threads", "2"]).threads == 2
+    shutil.copy(tmp_path / "run" / "checkpoint.pt", tmp_path / "run" / "step1.pt")
+    fixmatch.train(fixmatch.parse_args(["--resume", str(tmp_path / "run"), "--stop-after", "1"]))
+    msg = error_of(fixmatch, ["--resume", str(tmp_path / "run" / "step1.pt")])
+    assert msg.endswith(f"--resume {tmp_path / 'run' / 'step1.pt'} would replace {tmp_path / 'run'}/checkpoint.pt; "
+                        "--overwrite allows it")
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["step"] == 2
+    summary = fixmatch.train(fixmatch.parse_args(["--resume", str(tmp_path / "run" / "step1.pt"), "--overwrite"]))
+    assert summary["finished"] and [r["step"] for r in records(tmp_path / "run")] == [1, 2, 2, 4, 4]  # once each
+
+
 def test_ctrl_c_ends_the_step_with_a_checkpoint_that_resumes_exactly(fixmatch, tmp_path, monkeypatch):
     common = ["--total-steps", "7", "--eval-every", "5"]
     fixmatch.train(fixmatch.parse_args(tiny(tmp_path, *common, name="full")))
@@ -442,7 +457,7 @@ def test_bad_input_gets_one_clear_line(fixmatch, tmp_path):
         (("--batch-size", "0"), "--batch-size must be positive"),
         (("--workers", "-1"), "--workers must be 0 or positive"),
         (("--seed", "-1"), "--seed must be in [0, 2^32)"),
-        (("--ema", "1.5"), "--ema must be a decay in [0, 1]"),
+        (("--ema", "1.5"), "--ema must be in [0, 1]"),
         (("--stop-after", "-1"), "--stop-after must be 0 or positive"),
         (("--image-size", "0"), "--image-size must be positive"),
         # NaN passes a `<= 0` test; these trained on with NaN weights or failed inside torch.optim
@@ -466,7 +481,7 @@ def test_bad_input_gets_one_clear_line(fixmatch, tmp_path):
         assert message in error_of(fixmatch, tiny(tmp_path, *flags)), flags
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    assert "not a checkpoint of fixmatch.py (unreadable: " in error_of(fixmatch, tiny(tmp_path, "--resume", str(bad)))
+    assert "not a checkpoint of fixmatch.py (unreadable, cut short or not written by torch.save: " in error_of(fixmatch, tiny(tmp_path, "--resume", str(bad)))
     torch.save({"model": {}, "step": 3}, bad)  # someone else's checkpoint
     assert error_of(fixmatch, tiny(tmp_path, "--resume", str(bad))).endswith(
         "not a checkpoint of fixmatch.py (not one of this project)")
@@ -519,7 +534,7 @@ def test_validation_split_is_scored_on_its_own_images(fixmatch, tmp_path, monkey
         return result
 
     monkeypatch.setattr(fixmatch, "evaluate", recording)
-    fixmatch.train(fixmatch.parse_args(tiny(tmp_path, "--val-labels", "8", "--total-steps", "2")))
+    summary = fixmatch.train(fixmatch.parse_args(tiny(tmp_path, "--val-labels", "8", "--total-steps", "2")))
     val_idx = json.loads((tmp_path / "run" / "split.json").read_text())["validation"]
     train_x, train_y = fixmatch.load_data(fixmatch.parse_args(data_flags()))[:2]
     (test_images, _, test_top1), (val_images, val_labels, val_top1) = calls
@@ -527,6 +542,7 @@ def test_validation_split_is_scored_on_its_own_images(fixmatch, tmp_path, monkey
     assert torch.equal(val_labels, torch.from_numpy(train_y[val_idx])) and len(val_idx) == 8
     evaluated = [r for r in records(tmp_path / "run") if r["kind"] == "eval"][-1]
     assert evaluated["val_top1"] == val_top1 and evaluated["top1"] == test_top1
+    assert summary["val_top1"] == val_top1 and summary["top1"] == test_top1  # to select a model without the test set
 
 
 def test_tensorboard_holds_the_logged_scalars(fixmatch, tmp_path):
@@ -575,7 +591,7 @@ def test_missing_torchvision_data_offline_says_where_to_put_it(fixmatch, tmp_pat
     import torchvision.datasets as tvd
 
     def offline(*a, **kw):
-        raise RuntimeError("Dataset not found" if not kw.get("download") else "URLError: no network")
+        raise RuntimeError("Dataset not found" if not kw.get("download") else "URLError:\n  no network")  # lines: one
 
     for name, cls in (("cifar10", "CIFAR10"), ("fashion_mnist", "FashionMNIST")):
         monkeypatch.setattr(tvd, cls, offline)
@@ -609,6 +625,12 @@ def test_mnist_and_fashion_mnist_read_the_idx_files_offline(fixmatch, tmp_path, 
         "--dataset", "fashion_mnist", "--data-dir", str(tmp_path / "d"), "--labels", "20", "--batch-size", "4",
         "--uratio", "2", "--total-steps", "2", "--workers", "0", "--output-dir", str(tmp_path / "run")]))
     assert summary["finished"] and len(summary["per_class_acc"]) == 10
+    write_idx(folder / f"t10k-labels-idx1-ubyte{'.gz' if gz else ''}", labels["t10k"][:29], gz)  # one label short
+    assert "the images and labels in" in error_of(fixmatch, [
+        "--dataset", "fashion_mnist", "--data-dir", str(tmp_path / "d"), "--output-dir", str(tmp_path / "run2")])
+    write_idx(folder / f"t10k-labels-idx1-ubyte{'.gz' if gz else ''}", images["t10k"], gz)  # images for labels
+    assert "the images and labels in" in error_of(fixmatch, [
+        "--dataset", "fashion_mnist", "--data-dir", str(tmp_path / "d"), "--output-dir", str(tmp_path / "run2")])
     (folder / f"train-labels-idx1-ubyte{'.gz' if gz else ''}").write_bytes(b"\0\0\x08")  # cut short
     assert "is not an IDX file of bytes, or is cut short" in error_of(fixmatch, [
         "--dataset", "fashion_mnist", "--data-dir", str(tmp_path / "d"), "--output-dir", str(tmp_path / "run2")])
@@ -756,6 +778,11 @@ def test_ema_decay_is_warmed_up_and_batchnorm_statistics_lose_their_initial_valu
     before = ema.weight.detach().clone()
     fixmatch.ema_update(ema, model, 0.999, 10**6)
     assert torch.allclose(ema.weight, before + 0.001 * (model.weight - before))
+    # one batch of a near-constant channel: float32 rounds the share left of the initial variance, never below 0
+    model = torch.nn.BatchNorm1d(1, momentum=0.001)
+    model.running_var.fill_(0.999 - 1e-7)
+    fixmatch.ema_update(ema := copy.deepcopy(model), model, 0.999, 1)
+    assert ema.running_var.item() == 0
 
 
 def test_evaluate_reports_per_class_and_balanced_accuracy(fixmatch):

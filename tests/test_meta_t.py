@@ -470,7 +470,9 @@ def test_bad_method_flags_get_one_clear_line(meta_t, tmp_path):
     assert "--beta must be positive and finite, got nan" in error_of(meta_t, tiny(tmp_path, "--beta", "nan"))
     assert "--meta-lr must be positive and finite, got nan" in error_of(meta_t, tiny(tmp_path, "--meta-lr", "nan"))
     assert "--meta-lr must be positive and finite, got inf" in error_of(meta_t, tiny(tmp_path, "--meta-lr", "inf"))
-    assert "--lr-milestones '1/3,x'" in error_of(meta_t, tiny(tmp_path, "--lr-milestones", "1/3,x"))
+    assert "--lr-milestones must be fractions in (0, 1] such as 1/3,2/3, got 1/3,x" in error_of(meta_t, tiny(tmp_path, "--lr-milestones", "1/3,x"))
+    with pytest.raises(meta_t.UserError, match="--lr-milestones"):  # before any data is loaded
+        meta_t.parse_args(tiny(tmp_path, "--lr-milestones", "0,1/2"))
     assert "--compile has no double backward" in error_of(meta_t, tiny(tmp_path, "--compile", "--meta-grad", "exact"))
     meta_t.train(meta_t.parse_args(tiny(tmp_path, "--stop-after", "1", name="r")))
     msg = error_of(meta_t, tiny(tmp_path, "--meta-grad", "fd", "--resume", str(tmp_path / "r"), name="r"))
