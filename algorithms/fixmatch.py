@@ -372,8 +372,8 @@ def features_and_head(features, head):
     return nn.Sequential(collections.OrderedDict(features=features, head=head))
 
 
-def conv_bn(cin, cout, k=3, pad=1, momentum=0.001, stride=1):
-    return [nn.Conv2d(cin, cout, k, stride, pad), nn.BatchNorm2d(cout, momentum=momentum), nn.LeakyReLU(0.1)]
+def conv_bn(cin, cout, k=3, pad=1, momentum=0.1, stride=1, bias=False):  # a bias before BatchNorm cancels out
+    return [nn.Conv2d(cin, cout, k, stride, pad, bias=bias), nn.BatchNorm2d(cout, momentum=momentum), nn.LeakyReLU(0.1)]
 
 
 class WRNBlock(nn.Module):
@@ -409,7 +409,7 @@ def wide_resnet(in_channels, classes, width, groups=3, first_stride=1):
 
 
 def conv_large(in_channels, classes):
-    """The 13-layer CNN of Laine & Aila that MetaSemi uses (LeakyReLU 0.1, Dropout2d 0.5)."""
+    """MetaSemi's 13-layer CNN (Laine & Aila) as its code has it: LeakyReLU 0.1, Dropout2d 0.5, BN momentum 0.1, no bias."""
     return features_and_head(nn.Sequential(
         *conv_bn(in_channels, 128), *conv_bn(128, 128), *conv_bn(128, 128), nn.MaxPool2d(2), nn.Dropout2d(0.5),
         *conv_bn(128, 256), *conv_bn(256, 256), *conv_bn(256, 256), nn.MaxPool2d(2), nn.Dropout2d(0.5),
@@ -420,9 +420,9 @@ def conv_large(in_channels, classes):
 def small_cnn(in_channels, classes, stride=1):
     """3 convolutions that train in minutes on a CPU, for 8x8 images (digits, tests) or, with a stride-2 first
     convolution, 28x28 ones (MNIST, Fashion-MNIST). BN momentum 0.01: their runs are short."""
-    return features_and_head(nn.Sequential(*conv_bn(in_channels, 32, momentum=0.01, stride=stride), nn.MaxPool2d(2),
-                             *conv_bn(32, 64, momentum=0.01), nn.MaxPool2d(2), *conv_bn(64, 128, momentum=0.01),
-                             nn.AdaptiveAvgPool2d(1), nn.Flatten()), nn.Linear(128, classes))
+    block = functools.partial(conv_bn, momentum=0.01, bias=True)
+    return features_and_head(nn.Sequential(*block(in_channels, 32, stride=stride), nn.MaxPool2d(2), *block(32, 64),
+                             nn.MaxPool2d(2), *block(64, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten()), nn.Linear(128, classes))
 
 
 NETS = {"wrn28_2": functools.partial(wide_resnet, width=2), "wrn28_8": functools.partial(wide_resnet, width=8),
@@ -466,15 +466,15 @@ def make_optimizer(model, args):
 
 @torch.no_grad()
 def ema_update(ema_model, model, decay, step):
-    """The evaluated model after step t: an EMA of the weights whose decay is warmed up as TensorFlow's, min(decay,
-    (1 + t) / (10 + t)), with the model's BatchNorm statistics (USB) less the share (1 - momentum)^t that their initial
-    values 0 and 1 still hold (Adam's bias correction): short runs are judged by neither, long ones end as USB's."""
+    """The evaluated model after step t: an EMA of the weights with TensorFlow's warm-up, min(decay, (1 + t) / (10 + t)),
+    and the model's BatchNorm statistics (USB) less the share (1 - momentum)^n that their initial values 0 and 1 keep
+    after n updates (Adam's bias correction): short runs are judged by neither, long ones end as USB's."""
     torch._foreach_lerp_(list(ema_model.parameters()), list(model.parameters()), 1 - min(decay, (1 + step) / (10 + step)))
     for e, b in zip(ema_model.buffers(), model.buffers()):
         e.copy_(b)
     for bn in ema_model.modules():
         if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.track_running_stats and bn.momentum:
-            initial_share = (1 - bn.momentum) ** step
+            initial_share = (1 - bn.momentum) ** bn.num_batches_tracked.clamp(min=1)  # a tensor: no host sync
             bn.running_mean.div_(1 - initial_share)
             bn.running_var.sub_(initial_share).div_(1 - initial_share).clamp_(min=0)  # float32's rounding, in early steps
 

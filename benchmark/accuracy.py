@@ -52,6 +52,12 @@ CONFIGS = {
     # Their control: FixMatch (and tau = 0.5) with that smaller batch, so the batch and the method can be told apart.
     "fixmatch_batch32": ("fixmatch", ["--batch-size", "32", "--uratio", "6"]),
     "fixmatch_tau05_batch32": ("fixmatch", ["--batch-size", "32", "--uratio", "6", "--tau", "0.5"]),
+    # MetaSemi at its own defaults (128 + 128, its lr schedule, the raw weights evaluated), and its slides' ablation
+    "meta_semi": ("meta_semi", []),
+    "meta_semi_no_meta": ("meta_semi", ["--no-meta"]),
+    "meta_semi_no_mixup": ("meta_semi", ["--no-mixup"]),
+    "meta_semi_neither": ("meta_semi", ["--no-meta", "--no-mixup"]),
+    "meta_semi_supervised": ("meta_semi", ["--labeled-only"]),
 }
 
 

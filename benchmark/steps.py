@@ -4,6 +4,8 @@ FixMatch (the Meta-T paper's Sec. 4.5: Meta-T costs about 3x FixMatch, Green Met
     python benchmark/steps.py                        # digits, cnn_small, B = 64, mu = 7, 60 steps each
     python benchmark/steps.py --dataset fashion_mnist --data-dir /usr/share/datasets/fashion-mnist --net cnn_small_s2
     python benchmark/steps.py --quick                # a smoke check: 20 small steps each
+    python benchmark/steps.py --batch-size 128 --uratio 1 --only FixMatch,MetaSemi   # MetaSemi needs mu = 1 (mixup)
+    python benchmark/steps.py --own-batches --augment --only FixMatch,MetaSemi      # each at its defaults
 
 Each variant is its own subprocess, run one after another (never in parallel: they would compete for
 the cores), with the same flags and --workers 0. A run's time per step is the median over its windows
@@ -43,6 +45,9 @@ VARIANTS = [
      ["--meta-grad", "fd", "--fd-direction-at", "w", "--meta-interval", "4"], None),
     ("Green Meta-T k=4, exact", "meta_t", ["--meta-grad", "exact", "--meta-interval", "4"], 6 / 4),
     ("Green Meta-T k=4, exact by forward mode (jvp)", "meta_t", ["--meta-grad", "jvp", "--meta-interval", "4"], 6 / 4),
+    # mixup pairs the batches one to one: these run with mu = 1 or --own-batches only
+    ("MetaSemi", "meta_semi", [], None),
+    ("MetaSemi without the meta step (--no-meta)", "meta_semi", ["--no-meta"], None),
 ]
 
 # Loads the script by path (as the tests do) and runs its main(); optionally with identity augmentations
@@ -68,6 +73,7 @@ def main():
     p.add_argument("--net", default="cnn_small", help="network of every run")
     p.add_argument("--batch-size", type=int, default=64, help="labeled batch size B of every run")
     p.add_argument("--uratio", type=int, default=7, help="mu of every run")
+    p.add_argument("--own-batches", action="store_true", help="each script's default B and mu instead of the two above")
     p.add_argument("--labels", type=int, default=40, help="labeled samples")
     p.add_argument("--steps", type=int, default=60, help="training steps per run, a multiple of 4")
     p.add_argument("--warmup", type=int, default=12, help="first steps left out of the mean, a multiple of 4")
@@ -87,18 +93,19 @@ def main():
         p.error("--steps and --warmup must be multiples of 4 (the log interval), with --warmup < --steps")
     if a.threads < 0:
         p.error("--threads must be 0 or positive")
-    common = ["--dataset", a.dataset, "--net", a.net, "--batch-size", str(a.batch_size), "--uratio", str(a.uratio),
-              "--labels", str(a.labels), "--total-steps", str(a.steps), "--eval-every", str(a.steps),
+    batches = [] if a.own_batches else ["--batch-size", str(a.batch_size), "--uratio", str(a.uratio)]
+    common = ["--dataset", a.dataset, "--net", a.net, *batches, "--labels", str(a.labels), "--total-steps", str(a.steps), "--eval-every", str(a.steps),
               "--log-every", "4", "--workers", "0", "--seed", "0"]
     if a.data_dir:
         common += ["--data-dir", a.data_dir]
     common += a.extra.split()
-    print(f"{a.dataset}, {a.net}, B = {a.batch_size}, mu = {a.uratio}, {a.steps} steps ({a.warmup} warm-up), "
+    batch_text = "each script's own B and mu" if a.own_batches else f"B = {a.batch_size}, mu = {a.uratio}"
+    print(f"{a.dataset}, {a.net}, {batch_text}, {a.steps} steps ({a.warmup} warm-up), "
           f"{'real' if a.augment else 'identity'} augmentations, {a.threads or 'default'} torch threads, "
           f"best of {a.repeat}")
     variants = [v for v in VARIANTS if (ROOT / "algorithms" / f"{v[1]}.py").exists()
                 and (not a.only or any(s in v[0] for s in a.only.split(",")))
-                and not (a.compile and "exact" in v[2])]
+                and not (a.compile and "exact" in v[2]) and (v[1] != "meta_semi" or a.uratio == 1 or a.own_batches)]
     if not variants:
         p.error(f"--only {a.only!r} matches none of: {' | '.join(v[0] for v in VARIANTS)}")
     if a.compile:  # compiled in the first steps, which --warmup leaves out

@@ -1,6 +1,8 @@
 """Shared test helpers: the algorithm files are standalone scripts, so tests load them by path."""
 
+import ast
 import importlib.util
+import json
 import os
 import sys
 from pathlib import Path
@@ -21,6 +23,18 @@ def load_algorithm(name):
         sys.modules[key] = module
         spec.loader.exec_module(module)
     return sys.modules[key]
+
+
+def top_level_definitions(path):
+    """{name: source} of the functions and classes a file defines at its top level."""
+    source = Path(path).read_text()
+    return {node.name: ast.get_source_segment(source, node) for node in ast.parse(source).body
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+
+
+def records(out):
+    """The records of a run's metrics.jsonl."""
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
 def write_image_folder(root, classes=4, per_class=64, size=8, seed=0):

@@ -62,6 +62,15 @@ def test_steps_benchmark_reports_ratios_to_fixmatch():
         assert "pure-PyTorch fallback" not in out, out
 
 
+@pytest.mark.parametrize("flags", [["--uratio", "1"], ["--own-batches"]])
+def test_steps_benchmark_times_metasemi_where_mixup_can_pair_the_batches(flags):
+    rows = table_rows(out := run_benchmark("steps.py", "--quick", "--only", "FixMatch,MetaSemi", *flags))
+    assert set(rows) == {"method", "FixMatch", "MetaSemi", "MetaSemi without the meta step (--no-meta)"}, out
+    assert float(rows["MetaSemi"][0]) > 0 and ("each script's own B and mu" in out) == ("--own-batches" in flags)
+    rows = table_rows(run_benchmark("steps.py", "--quick", "--only", "FixMatch,MetaSemi"))  # mu = 7: FixMatch alone
+    assert set(rows) == {"method", "FixMatch"}
+
+
 def test_steps_benchmark_refuses_an_only_that_matches_no_variant():
     proc = subprocess.run([sys.executable, str(ROOT / "benchmark" / "steps.py"), "--only", "fixmatch"],  # case
                           capture_output=True, text=True, timeout=300)

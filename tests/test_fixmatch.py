@@ -18,17 +18,12 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, data_flags, error_of, load_algorithm, signal_in_step, tiny, write_image_folder
+from conftest import ROOT, data_flags, error_of, load_algorithm, records, signal_in_step, tiny, write_image_folder
 
 try:
     import sslkernels
 except ImportError:
     sslkernels = None
-
-
-def records(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
 
 @pytest.mark.parametrize("extra", [
     [],
@@ -735,9 +730,13 @@ def test_networks_expose_features_and_head(fixmatch, net, size, channels):
     feats = model.features(x)
     assert feats.ndim == 2 and isinstance(model.head, torch.nn.Linear)
     assert torch.allclose(model.head(feats), model(x))
-    if net.startswith("wrn"):
-        bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    if net.startswith("wrn"):  # USB's
         assert all(m.momentum == 0.001 and m.eps == 0.001 for m in bns)
+    elif net == "convlarge":  # MetaSemi's code: torch's default BatchNorm, convolutions without bias, 3,121,802 parameters
+        assert all(m.momentum == 0.1 and m.eps == 1e-5 for m in bns) and len(bns) == 9
+        assert all(m.bias is None for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+        assert sum(p.numel() for p in fixmatch.NETS[net](3, 10).parameters()) == 3_121_802
 
 
 def test_weight_decay_skips_batchnorm_and_bias(fixmatch):
@@ -756,9 +755,9 @@ def test_weight_decay_skips_batchnorm_and_bias(fixmatch):
 
 
 def test_ema_decay_is_warmed_up_and_batchnorm_statistics_lose_their_initial_values(fixmatch):
-    """Step t lerps the EMA towards the weights by 1 - min(decay, (1 + t) / (10 + t)). A BatchNorm that has seen t
-    batches with momentum m still holds (1 - m)^t of its initial statistics (0, 1); the evaluated model's are without
-    them, so that after t equal batches they are those batches' statistics."""
+    """Step t lerps the EMA towards the weights by 1 - min(decay, (1 + t) / (10 + t)). A BatchNorm that has seen n
+    batches with momentum m still holds (1 - m)^n of its initial statistics (0, 1); the evaluated model's are without
+    them, so that after n equal batches they are those batches' statistics, however many batches a step ran."""
     model, ema = torch.nn.BatchNorm1d(3, momentum=0.01), torch.nn.BatchNorm1d(3, momentum=0.01)
     batch = torch.randn(64, 3) * 3 + 5
     for step in range(1, 6):
@@ -772,7 +771,12 @@ def test_ema_decay_is_warmed_up_and_batchnorm_statistics_lose_their_initial_valu
     assert torch.allclose(ema.running_mean, batch.mean(0), atol=1e-5)
     assert torch.allclose(ema.running_var, batch.var(0), rtol=1e-5)
     assert not torch.allclose(model.running_mean, batch.mean(0), atol=0.1)  # the model's own stay as torch keeps them
+    model(batch), model(batch)  # a step of two forwards (MetaSemi's): n counts the BatchNorm's updates, not the steps
+    fixmatch.ema_update(ema, model, 0.999, 6)
+    assert torch.allclose(ema.running_mean, batch.mean(0), atol=1e-5)
+    assert torch.allclose(ema.running_var, batch.var(0), rtol=1e-5)
     # late in a run, the configured decay and the model's statistics as they are (USB)
+    model.num_batches_tracked.fill_(10**6)
     fixmatch.ema_update(ema, model, 0.999, 10**6)
     assert torch.equal(ema.running_mean, model.running_mean) and torch.equal(ema.running_var, model.running_var)
     before = ema.weight.detach().clone()

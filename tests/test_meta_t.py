@@ -1,8 +1,6 @@
 """Behaviour of algorithms/meta_t.py: Meta-T, Green Meta-T and the first-order meta-gradient (CPU, seconds)."""
 
-import ast
 import contextlib
-import json
 import math
 import signal
 import subprocess
@@ -13,19 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad
 
-from conftest import ROOT, error_of, load_algorithm, signal_in_step, tiny
+from conftest import ROOT, error_of, load_algorithm, records, signal_in_step, tiny, top_level_definitions
 
 
 @pytest.fixture(scope="session")
 def meta_t():
     return load_algorithm("meta_t")
-
-
-def top_level_definitions(path):
-    source = path.read_text()
-    return {node.name: ast.get_source_segment(source, node) for node in ast.parse(source).body
-            if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
-
 
 def test_definitions_shared_with_fixmatch_are_verbatim_copies():
     # The template's rule: meta_t.py is fixmatch.py plus Meta-T, so that diffing the two shows only the method. A fix
@@ -35,11 +26,6 @@ def test_definitions_shared_with_fixmatch_are_verbatim_copies():
     changed = sorted(name for name in fixmatch.keys() & meta_t.keys() if fixmatch[name] != meta_t[name])
     assert changed == ["Args", "make_optimizer", "parse_args", "train"]  # Meta-T's flags, lr schedule and step
     assert sorted(fixmatch.keys() - meta_t.keys()) == ["fixmatch_loss"]
-
-
-def records(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
 
 @pytest.mark.parametrize("extra", [
     [],  # --meta-grad jvp
