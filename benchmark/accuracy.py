@@ -58,6 +58,14 @@ CONFIGS = {
     "meta_semi_no_mixup": ("meta_semi", ["--no-mixup"]),
     "meta_semi_neither": ("meta_semi", ["--no-meta", "--no-mixup"]),
     "meta_semi_supervised": ("meta_semi", ["--labeled-only"]),
+    # FreeMatch and LayerMatch at their defaults (FixMatch's batch and schedule), and LayerMatch's ablation (its Table 4)
+    "freematch": ("freematch", []),
+    "layermatch": ("layermatch", []),
+    "layermatch_grad_relu_only": ("layermatch", ["--no-avg-clustering"]),
+    "layermatch_avg_clustering_only": ("layermatch", ["--no-grad-relu"]),
+    # a diagnosis of the run length, not a setting of the paper: N = 30 is 1% of a 3,000-step run, as the paper's
+    # 2048 is of its 204,800 fine-tuning steps (with N = 2048 a 3,000-step run resets the averaged head once)
+    "layermatch_n30": ("layermatch", ["--ac-reset-every", "30"]),
 }
 
 

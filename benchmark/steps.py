@@ -1,5 +1,5 @@
 """Seconds per training step of each algorithm script on the same data, network and batch, and the ratio to
-FixMatch (the Meta-T paper's Sec. 4.5: Meta-T costs about 3x FixMatch, Green Meta-T (k+2)/k).
+FixMatch (the Meta-T paper's Sec. 4.5: Meta-T costs about 3x FixMatch, Green Meta-T (k+2)/k; FreeMatch and LayerMatch about 1x).
 
     python benchmark/steps.py                        # digits, cnn_small, B = 64, mu = 7, 60 steps each
     python benchmark/steps.py --dataset fashion_mnist --data-dir /usr/share/datasets/fashion-mnist --net cnn_small_s2
@@ -48,6 +48,9 @@ VARIANTS = [
     # mixup pairs the batches one to one: these run with mu = 1 or --own-batches only
     ("MetaSemi", "meta_semi", [], None),
     ("MetaSemi without the meta step (--no-meta)", "meta_semi", ["--no-meta"], None),
+    # FreeMatch's thresholds and fairness term and LayerMatch's second head add no network pass
+    ("FreeMatch", "freematch", [], 1.0),
+    ("LayerMatch", "layermatch", [], 1.0),
 ]
 
 # Loads the script by path (as the tests do) and runs its main(); optionally with identity augmentations

@@ -71,6 +71,12 @@ def test_steps_benchmark_times_metasemi_where_mixup_can_pair_the_batches(flags):
     assert set(rows) == {"method", "FixMatch"}
 
 
+def test_steps_benchmark_times_freematch_and_layermatch_beside_fixmatch():
+    rows = table_rows(run_benchmark("steps.py", "--quick", "--only", "FixMatch,FreeMatch,LayerMatch"))
+    assert set(rows) == {"method", "FixMatch", "FreeMatch", "LayerMatch"}
+    assert float(rows["FreeMatch"][1]) > 0 and float(rows["LayerMatch"][1]) > 0
+
+
 def test_steps_benchmark_refuses_an_only_that_matches_no_variant():
     proc = subprocess.run([sys.executable, str(ROOT / "benchmark" / "steps.py"), "--only", "fixmatch"],  # case
                           capture_output=True, text=True, timeout=300)

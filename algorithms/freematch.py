@@ -1,0 +1,799 @@
+"""FreeMatch: Self-adaptive Thresholding for Semi-supervised Learning (Wang et al., ICLR 2023).
+
+FixMatch (fixmatch.py) with its fixed threshold replaced by a self-adaptive one: a global threshold, the EMA of the
+model's confidence on unlabeled data, scaled per class by the EMA of its class marginal; plus a self-adaptive fairness
+term. Computed as USB computes it (its semilearn/algorithms/freematch), with USB's classic-CV defaults (WRN-28-2, SGD
+Nesterov 0.03, cosine decay, 2^20 steps, EMA evaluation, lambda_e 0.001); docs/methods.md gives the equations.
+
+    python algorithms/freematch.py --dataset cifar10 --labels 40
+    python algorithms/freematch.py --dataset digits --labels 40 --total-steps 3000   # offline, CPU, minutes
+"""
+
+import argparse
+import collections
+import contextlib
+import copy
+import dataclasses
+import functools
+import gzip
+import importlib.util
+import json
+import math
+import os
+import random
+import re
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageEnhance, ImageOps
+
+try:
+    import sslkernels  # the project's fused kernels (csrc/); without them, their plain-PyTorch definitions run
+except ImportError:
+    sslkernels = None
+
+ALGORITHM = "freematch"
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def arg(default, help, valid=None):  # valid: (test, what the error line says the flag must be)
+    return field(default=default, metadata={"help": help, "valid": valid})
+
+
+POSITIVE, NON_NEGATIVE = (lambda v: v > 0, "positive"), (lambda v: v >= 0, "0 or positive")  # NaN fails both
+FINITE, FRACTION = (lambda v: 0 <= v < math.inf, "0 or a positive finite number"), (lambda v: 0 <= v <= 1, "in [0, 1]")
+
+
+@dataclass
+class Args:
+    # data
+    dataset: str = arg("cifar10", "cifar10 | cifar100 | svhn | stl10 | mnist | fashion_mnist | digits | folder")
+    data_dir: str = arg("./data", "where the datasets are (or get downloaded); for folder: train/<class>/ and test/<class>/")
+    labels: int = arg(40, "labeled samples, spread evenly over the classes")
+    val_labels: int = arg(0, "labeled samples held out (evenly over classes) as a validation split; 0 = none")
+    exclude_labeled: bool = arg(False, "keep labeled samples out of the unlabeled set (FixMatch and USB keep them in; --n1 always does)")
+    n1: int = arg(0, "class-imbalanced split (Meta-T Sec. 5.3): labeled samples of class 0, N_c = N_1 * gamma_l^(-c/(C-1)); 0 = balanced")
+    m1: int = arg(0, "class-imbalanced split: unlabeled samples of class 0, M_c = M_1 * gamma_u^(-c/(C-1)), apart from the labeled ones")
+    gamma_l: float = arg(100.0, "imbalance ratio of the labeled split (with --n1)")
+    gamma_u: float = arg(100.0, "imbalance ratio of the unlabeled split (with --n1)")
+    image_size: int = arg(32, "`folder` images are resized to this square size", POSITIVE)
+    # model and optimisation
+    net: str = arg("", "wrn28_2 | wrn28_8 | wrn37_2 | convlarge | cnn_small | cnn_small_s2; empty = the dataset's default")
+    batch_size: int = arg(64, "labeled batch size B", POSITIVE)
+    uratio: int = arg(7, "mu: the unlabeled batch holds mu * B samples", POSITIVE)
+    lr: float = arg(0.03, "SGD learning rate, decayed as lr * cos(7 pi t / 16 T)", FINITE)
+    momentum: float = arg(0.9, "SGD Nesterov momentum", (lambda v: 0 < v < 1, "in (0, 1) (Nesterov SGD needs some)"))
+    weight_decay: float = arg(-1.0, "weight decay, not applied to BN and biases; -1 = 5e-4 (1e-3 for cifar100)",
+                              (lambda v: v == -1 or 0 <= v < math.inf, "-1 (the dataset's default), 0 or a positive finite number"))
+    ema: float = arg(0.999, "decay of the EMA of the weights that is evaluated; at step t: min(ema, (1+t)/(10+t))", FRACTION)
+    total_steps: int = arg(2**20, "training steps T", POSITIVE)
+    # method
+    ema_p: float = arg(0.999, "momentum of the threshold state: time_p, p_model and label_hist", FRACTION)
+    lambda_u: float = arg(1.0, "weight of the unlabeled loss", FINITE)
+    lambda_e: float = arg(0.001, "weight of the self-adaptive fairness term (USB's configs; its argparse default is 0.01)", FINITE)
+    clip_thresh: float = arg(-1.0, "upper bound of the global threshold time_p; -1 = the dataset's: 0.95 on svhn (USB's SVHN "
+                             "configs), else 1 (none)", (lambda v: v == -1 or 0 < v <= 1, "-1 (the dataset's) or in (0, 1]"))
+    labeled_only: bool = arg(False, "supervised baseline: labeled loss only, same pipeline")
+    # run
+    seed: int = arg(0, "seed of every RNG (split, data order, augmentation, init)", (lambda v: 0 <= v < 2**32, "in [0, 2^32)"))
+    device: str = arg("", "cuda | cuda:<index> | cpu; empty = cuda when available")
+    torch_deterministic: bool = arg(True, "cuDNN uses deterministic convolution algorithms only (CUDA; as CleanRL)")
+    workers: int = arg(min(4, CORES), "data-loading processes (0 = none); the default is this machine's cores, at most 4", NON_NEGATIVE)
+    threads: int = arg(0, "CPU threads of the training process; 0 = torch's default (all cores)", NON_NEGATIVE)
+    eval_every: int = arg(5000, "evaluate (and checkpoint) every this many steps", POSITIVE)
+    log_every: int = arg(100, "log losses and pseudo-label diagnostics every this many steps", POSITIVE)
+    eval_batch_size: int = arg(1024, "batch size of evaluation", POSITIVE)
+    output_dir: str = arg("", "where metrics, summary and checkpoints go; empty = runs/<algorithm>_<dataset>_<labels>_seed<seed>")
+    resume: str = arg("", "checkpoint file (or output dir holding checkpoint.pt) to resume from; flags left out are its own")
+    overwrite: bool = arg(False, "start afresh in an --output-dir that holds an earlier run's checkpoint, replacing it")
+    stop_after: int = arg(0, "stop after this many steps of this call, with a checkpoint (resume later); 0 = never", NON_NEGATIVE)
+    channels_last: bool = arg(True, "channels_last memory format (faster convolutions on CUDA and CPU)")
+    bf16: bool = arg(True, "bfloat16 autocast for the forward passes (CUDA only)")
+    compile: bool = arg(False, "torch.compile the training forward")
+    tensorboard: bool = arg(False, "also write TensorBoard logs to the output dir")
+
+
+class UserError(Exception):
+    """Bad input: main() prints it as one line, without a traceback."""
+
+
+def check(ok, message):
+    if not ok:
+        raise UserError(message)
+
+
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def parse_args(argv=None) -> Args:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Args):
+        kind = {"action": argparse.BooleanOptionalAction} if isinstance(f.default, bool) else {"type": type(f.default)}
+        parser.add_argument(flag(f.name), default=f.default, help=f.metadata["help"], **kind)
+    if resume := parser.parse_known_args(argv)[0].resume:  # a flag left out takes the checkpoint's value, but these
+        per_invocation = ("device", "workers", "resume", "overwrite", "stop_after", "output_dir")
+        saved = load_checkpoint(resume, mmap=True)["args"]  # Run loads the tensors
+        parser.set_defaults(**{k: v for k, v in saved.items() if k in Args.__dataclass_fields__ and k not in per_invocation})
+    args = Args(**vars(parser.parse_args(argv)))
+    # the defaults that depend on the dataset and the machine; a bad flag stops the run here, in one line
+    check(args.dataset in DATASETS, f"unknown --dataset {args.dataset!r}; choose one of {', '.join(DATASETS)}")
+    args.net = args.net or DATASETS[args.dataset][3]
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check(re.fullmatch(r"cpu|cuda(:\d+)?", args.device), f"--device must be cpu, cuda or cuda:<index>, got {args.device!r}")
+    cuda_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    check(args.device == "cpu" or (torch.device(args.device).index or 0) < cuda_devices,
+          f"--device {args.device}: this machine has {cuda_devices} CUDA device(s)")
+    check(args.net in NETS, f"unknown --net {args.net!r}; choose one of {', '.join(NETS)}")
+    for f in dataclasses.fields(args):
+        if f.metadata["valid"]:
+            ok, rule = f.metadata["valid"]
+            check(ok(getattr(args, f.name)), f"{flag(f.name)} must be {rule}, got {getattr(args, f.name)}")
+    args.weight_decay = DATASETS[args.dataset][4] if args.weight_decay == -1 else args.weight_decay
+    args.clip_thresh = (0.95 if args.dataset == "svhn" else 1.0) if args.clip_thresh == -1 else args.clip_thresh
+    check(not args.tensorboard or importlib.util.find_spec("tensorboard"), "--tensorboard needs tensorboard: pip install tensorboard")
+    return args
+
+
+# --- Data: every dataset becomes uint8 arrays (N, H, W, channels) plus int64 labels (-1 = unknown) ---
+# name: (classes, mean, std (None: the training images'), default net, weight decay, horizontal flip in the weak view)
+DATASETS = {
+    "cifar10": (10, (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616), "wrn28_2", 5e-4, True),
+    "cifar100": (100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), "wrn28_8", 1e-3, True),
+    "svhn": (10, (0.4380, 0.4440, 0.4730), (0.1751, 0.1771, 0.1744), "wrn28_2", 5e-4, False),
+    "stl10": (10, (0.4409, 0.4279, 0.3868), (0.2683, 0.2610, 0.2687), "wrn37_2", 5e-4, True),
+    "mnist": (10, (0.1307,), (0.3081,), "cnn_small_s2", 5e-4, False),  # digits are not mirror-symmetric
+    "fashion_mnist": (10, (0.2860,), (0.3530,), "cnn_small_s2", 5e-4, True),
+    "digits": (10, (0.5,), (0.5,), "cnn_small", 5e-4, False),
+    "folder": (0, None, None, "wrn28_2", 5e-4, True),
+}
+
+
+def load_torchvision(name, root):
+    """Train images and labels (-1: unknown, STL-10's unlabeled split), test images and labels."""
+    import torchvision.datasets as tvd
+
+    def get(cls, **kw):
+        with contextlib.suppress(Exception):  # never touch the network when the files are already there
+            return cls(root, download=False, **kw)
+        try:
+            return cls(root, download=True, **kw)
+        except Exception as e:
+            raise UserError(f"could not load {name} from {root!r} nor download it ({type(e).__name__}: {' '.join(str(e).split())})."
+                            f" Offline, put the files torchvision expects for {cls.__name__} in --data-dir (for mnist and "
+                            "fashion_mnist the four IDX files, gzipped or not: Debian's dataset-fashion-mnist puts Fashion-MNIST's"
+                            " in /usr/share/datasets/fashion-mnist), or use --dataset digits or --dataset folder.") from None
+
+    def read_idx(path):  # MNIST's format: 0 0 8 <dims>, each dimension a big-endian uint32, then the bytes
+        try:
+            with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+                data = bytearray(f.read())  # writable, for torch.from_numpy
+            dims = data[3] if data[:3] == b"\0\0\x08" else None
+            return np.frombuffer(data, np.uint8, offset=4 + 4 * dims).reshape(np.frombuffer(data, ">u4", dims, 4))
+        except (OSError, EOFError, TypeError, IndexError, ValueError):
+            raise UserError(f"{path} is not an IDX file of bytes, or is cut short") from None
+
+    def idx_files(cls):  # in --data-dir itself, or where torchvision downloads them
+        for d in (Path(root), Path(root) / cls.__name__ / "raw"):
+            if all(found := [next((d / (f + gz) for gz in ("", ".gz") if (d / (f + gz)).is_file()), None) for f in (
+                    "train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")]):
+                return found
+
+    if name in ("mnist", "fashion_mnist"):
+        cls = tvd.MNIST if name == "mnist" else tvd.FashionMNIST
+        x_train, y_train, x_test, y_test = map(read_idx, idx_files(cls) or get(cls, train=True) and idx_files(cls))
+        return x_train[..., None], y_train, x_test[..., None], y_test
+    if name in ("cifar10", "cifar100"):
+        tr, te = (get(tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100, train=train) for train in (True, False))
+        return tr.data, np.array(tr.targets), te.data, np.array(te.targets)
+    nhwc = lambda d: d.data.transpose(0, 2, 3, 1)
+    if name == "svhn":
+        tr, te = get(tvd.SVHN, split="train"), get(tvd.SVHN, split="test")
+        return nhwc(tr), tr.labels, nhwc(te), te.labels
+    tr, te, un = (get(tvd.STL10, split=split) for split in ("train", "test", "unlabeled"))  # un: labels unknown (-1)
+    return np.concatenate([nhwc(tr), nhwc(un)]), np.concatenate([tr.labels, un.labels]), nhwc(te), te.labels
+
+
+def load_folder(root, size):
+    """`root/train/<class>/**` and `root/test/<class>/**`, found as torchvision's ImageFolder finds them (image files at
+    any depth) but for hidden ones (._* copies), resized to size x size RGB, held in memory."""
+    from torchvision.datasets import ImageFolder, folder
+
+    splits = []
+    for split in ("train", "test"):
+        d = Path(root) / split
+        visible = lambda p: p.lower().endswith(folder.IMG_EXTENSIONS) and "/." not in "/" + Path(p).relative_to(d).as_posix()
+        try:
+            found = ImageFolder(d, is_valid_file=visible, allow_empty=True)
+            images = [np.asarray(Image.open(f).convert("RGB").resize((size, size), Image.BILINEAR)) for f, _ in found.samples]
+        except Exception as e:
+            raise UserError(f"--dataset folder: cannot read {d}: {e}") from None
+        check(images, f"--dataset folder: the class folders in {d} hold no images")
+        check(not splits or found.classes == splits[0][2], f"{d} has classes {found.classes}, but train has {splits and splits[0][2]}")
+        splits.append((np.stack(images), np.array(found.targets), found.classes))
+    return splits[0][0], splits[0][1], splits[1][0], splits[1][1], len(splits[0][2])
+
+
+def load_digits():
+    """scikit-learn's 8x8 digits, real data offline: 1300 train and a fixed stratified test split of 497 images."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    d, order, test = sk_digits(), np.random.default_rng(0).permutation(1797), np.zeros(1797, bool)
+    x = np.round(d.images * (255 / 16)).astype(np.uint8)[..., None]
+    for c in range(10):
+        idx = order[d.target[order] == c]
+        test[idx[: round(len(idx) * 497 / 1797)]] = True
+    return x[~test], d.target[~test], x[test], d.target[test]
+
+
+def load_data(args):
+    """The dataset's arrays, its number of classes, and the per-channel mean and std that normalise it."""
+    classes, mean, std = DATASETS[args.dataset][:3]
+    if args.dataset == "folder":  # its own mean and std per channel, summed in float64 over slices (np.std copies all)
+        train_x, train_y, test_x, test_y, classes = load_folder(args.data_dir, args.image_size)
+        m1, m2 = sum(np.stack([(p := part.reshape(-1, part.shape[-1]).astype(np.float64)).sum(0), (p * p).sum(0)])
+                     for part in np.array_split(train_x, -(-len(train_x) // 1000))) / train_x[..., 0].size
+        mean, std = tuple(m1 / 255), tuple(np.sqrt(np.maximum(m2 - m1 * m1, 1)) / 255)  # std >= 1/255: never divide by 0
+    else:
+        train_x, train_y, test_x, test_y = load_digits() if args.dataset == "digits" else load_torchvision(args.dataset, args.data_dir)
+    check(train_x.ndim == test_x.ndim == 4 and train_y.ndim == test_y.ndim == 1 and len(train_x) == len(train_y) > 0 and
+          len(test_x) == len(test_y) > 0 and train_y.max() < classes and 0 <= test_y.min() <= test_y.max() < classes,
+          f"--dataset {args.dataset}: the images and labels in {args.data_dir} do not match (their counts, shapes or classes)")
+    return train_x, train_y.astype(np.int64), test_x, test_y.astype(np.int64), classes, mean, std
+
+
+def split_labeled(y, classes, args, rng):
+    """Indices of the labeled, unlabeled and validation sets (Meta-T's imbalanced split with --n1); samples of unknown
+    label (-1) are unlabeled."""
+    by_class = [rng.permutation(np.flatnonzero(y == c)) for c in range(classes)]
+    check(args.n1 == args.m1 == 0 or (args.n1 > 0 and args.m1 > 0 and classes > 1 and 0 < args.gamma_l < math.inf and
+          0 < args.gamma_u < math.inf), f"the imbalanced split needs --n1 > 0 and --m1 > 0, at least 2 classes and positive "
+          f"finite --gamma-l and --gamma-u, got --n1 {args.n1}, --m1 {args.m1}, --gamma-l {args.gamma_l}, --gamma-u {args.gamma_u}")
+    if args.n1 > 0:
+        n_lab = [int(args.n1 * args.gamma_l ** (-c / (classes - 1))) for c in range(classes)]
+        n_unl = [int(args.m1 * args.gamma_u ** (-c / (classes - 1))) for c in range(classes)]
+        check(min(n_lab) > 0, f"--n1 {args.n1} with --gamma-l {args.gamma_l} leaves class {n_lab.index(min(n_lab))} "
+              "without a labeled sample (N_c rounds down to 0): raise --n1 or lower --gamma-l")
+    else:
+        check(args.labels > 0 and args.labels % classes == 0, f"--labels {args.labels} must be a positive multiple of the {classes} classes")
+        n_lab, n_unl = [args.labels // classes] * classes, [None] * classes
+    check(args.val_labels >= 0 and args.val_labels % classes == 0,
+          f"--val-labels {args.val_labels} must be 0 or a positive multiple of the {classes} classes")
+    n_val, labeled, unlabeled, val = args.val_labels // classes, [], [], []
+    for c, idx in enumerate(by_class):
+        check(n_lab[c] + n_val + (n_unl[c] or 0) <= len(idx), f"class {c} has {len(idx)} training samples, fewer than the "
+              f"{n_lab[c]} labeled + {n_val} validation + {n_unl[c] or 0} unlabeled asked for (--labels/--n1/--m1)")
+        labeled.append(idx[:n_lab[c]])
+        val.append(idx[n_lab[c]:n_lab[c] + n_val])
+        unlabeled.append(idx[n_lab[c] + n_val:][:n_unl[c]])  # [:None]: all the rest
+        if not args.exclude_labeled and args.n1 <= 0:  # Sec. 5.3 sizes two disjoint sets: N_c labeled, M_c unlabeled
+            unlabeled.append(idx[:n_lab[c]])
+    return np.concatenate(labeled), np.concatenate([*unlabeled, np.flatnonzero(y < 0)]), np.concatenate(val)
+
+
+# --- Augmentation: each function draws from an explicit random.Random, so that a batch is a pure function of
+# (seed, step), and resume restores the data exactly, whatever the number of workers ---
+@functools.lru_cache(maxsize=None)
+def _reflect(start, size):
+    """Indices start, start+1, ... (size of them) into an axis of length `size`, mirrored at its ends as np.pad's reflect."""
+    i = np.abs(np.arange(start, start + size))
+    return np.where(i > size - 1, 2 * (size - 1) - i, i)
+
+
+def weak_augment(x, rng, flip):
+    """uint8 (H, W, C) -> random horizontal flip (where DATASETS allows it), then a random crop of the image reflect-padded by
+    12.5% of its side, gathered from the image directly (np.pad first costs 10x more)."""
+    if flip and rng.random() < 0.5:
+        x = x[:, ::-1]
+    h, w = x.shape[:2]
+    pad = max(1, int(0.125 * w))
+    i, j = rng.randint(0, 2 * pad), rng.randint(0, 2 * pad)
+    return x[_reflect(i - pad, h)[:, None], _reflect(j - pad, w)]
+
+
+# (operation on a PIL image, lowest magnitude, highest magnitude): the FixMatch paper's RandAugment table, computed as
+# USB's RandAugment computes it, with its ranges and PIL's operations. PIL's affine transform reads output pixel (x, y)
+# from input (a x + b y + c, d x + e y + f), nearest neighbour, black outside: so a shear pivots on the top-left corner
+# (and shifts the image), not on the centre as torchvision's affine does.
+AFFINE = Image.Transform.AFFINE
+RANDAUGMENT_OPS = [
+    (lambda img, v: img, 0, 1),  # identity
+    (lambda img, v: ImageOps.autocontrast(img), 0, 1),
+    (lambda img, v: ImageOps.equalize(img), 0, 1),
+    (lambda img, v: ImageEnhance.Brightness(img).enhance(v), 0.05, 0.95),
+    (lambda img, v: ImageEnhance.Color(img).enhance(v), 0.05, 0.95),
+    (lambda img, v: ImageEnhance.Contrast(img).enhance(v), 0.05, 0.95),
+    (lambda img, v: ImageEnhance.Sharpness(img).enhance(v), 0.05, 0.95),
+    (lambda img, v: ImageOps.posterize(img, int(v)), 4, 8),  # to 4-7 bits
+    (lambda img, v: ImageOps.solarize(img, v), 0, 256),
+    (lambda img, v: img.rotate(v), -30, 30),  # about the centre, black corners
+    (lambda img, v: img.transform(img.size, AFFINE, (1, v, 0, 0, 1, 0)), -0.3, 0.3),  # shear x
+    (lambda img, v: img.transform(img.size, AFFINE, (1, 0, 0, v, 1, 0)), -0.3, 0.3),  # shear y
+    (lambda img, v: img.transform(img.size, AFFINE, (1, 0, v * img.size[0], 0, 1, 0)), -0.3, 0.3),  # translate x
+    (lambda img, v: img.transform(img.size, AFFINE, (1, 0, 0, 0, 1, v * img.size[1])), -0.3, 0.3),  # translate y
+]
+
+
+def strong_augment(x, rng, flip):
+    """The weak view, then RandAugment (2 random ops at random magnitudes, as the common FixMatch reproduction
+    RandAugmentMC(n=2); USB draws 3), then Cutout (FixMatch): a grey square of up to half the image side."""
+    (h, w, channels), x = x.shape, weak_augment(x, rng, flip)
+    img = Image.fromarray(x[..., 0] if channels == 1 else x)
+    for op, low, high in rng.choices(RANDAUGMENT_OPS, k=2):
+        img = op(img, low + (high - low) * rng.random())
+    x, side = np.array(img).reshape(h, w, channels), int(rng.uniform(0, 0.5) * w)
+    if side > 0:
+        r, q = rng.randint(0, h - 1), rng.randint(0, w - 1)
+        x[max(0, r - side // 2): r + side - side // 2, max(0, q - side // 2): q + side - side // 2] = 127
+    return x
+
+
+def sample_indices(n, count, step, seed, stream):
+    """Positions [step*count, (step+1)*count) of an endless stream of epochs, permutations drawn from (seed, stream, epoch)."""
+    pos, out = np.arange(step * count, (step + 1) * count), np.empty(count, np.int64)
+    for epoch in np.unique(pos // n):
+        sel = pos // n == epoch
+        out[sel] = np.random.default_rng([seed, stream, int(epoch)]).permutation(n)[pos[sel] % n]
+    return out
+
+
+def augmentation_rng(seed, step):
+    """The random.Random of step `step`'s augmentations, keyed by (seed, step) alone: seed * 1_000_003 + step, as always
+    (earlier runs repeat), until that would repeat seed + 1's keys; then 2^96 + seed * 2^64 + step, above all of those."""
+    return random.Random(seed * 1_000_003 + step if step < 1_000_003 else 2**96 + (seed << 64) + step)
+
+
+def make_batch(step, images, labels, labeled_idx, unlabeled_idx, args, flip):
+    """The uint8 batch of step `step` (labeled weak view, unlabeled weak and strong views), from (seed, step) alone."""
+    rng = augmentation_rng(args.seed, step)
+    views = lambda idx, augment: torch.from_numpy(np.stack([augment(images[i], rng, flip) for i in idx]))
+    lab = labeled_idx[sample_indices(len(labeled_idx), args.batch_size, step, args.seed, 0)]
+    batch = {"x_l": views(lab, weak_augment), "y_l": torch.from_numpy(labels[lab])}
+    if not args.labeled_only:
+        u = sample_indices(len(unlabeled_idx), args.batch_size * args.uratio, step, args.seed, 1)
+        batch.update(x_uw=views(unlabeled_idx[u], weak_augment), x_us=views(unlabeled_idx[u], strong_augment),
+                     y_u=torch.from_numpy(labels[unlabeled_idx[u]]), idx_u=torch.from_numpy(u))
+    return batch
+
+
+def worker_init(_):
+    torch.set_num_threads(1)  # workers only stack small arrays; leave the cores to the model
+    if hasattr(os, "nice"):  # at equal priority, workers preempt the training threads, which then wait for each other
+        os.nice(19)
+    # Ctrl-C and SIGTERM may reach the whole process group: the trainer ends its step and shuts the workers down
+    signal.signal(signal.SIGINT, signal.SIG_IGN), signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
+
+
+# --- Networks: `features(x) -> (N, D)`, then the linear `head`, so that methods which treat the extractor and the
+# classifier differently (LayerMatch) change the loss, not the network ---
+def features_and_head(features, head):
+    return nn.Sequential(collections.OrderedDict(features=features, head=head))
+
+
+def conv_bn(cin, cout, k=3, pad=1, momentum=0.1, stride=1, bias=False):  # a bias before BatchNorm cancels out
+    return [nn.Conv2d(cin, cout, k, stride, pad, bias=bias), nn.BatchNorm2d(cout, momentum=momentum), nn.LeakyReLU(0.1)]
+
+
+class WRNBlock(nn.Module):
+    """Pre-activation residual block of USB's WideResNet (BN momentum 0.001, eps 0.001, LeakyReLU 0.1); where the width
+    changes, the first activation also feeds the projection shortcut."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.bn1, self.bn2 = nn.BatchNorm2d(cin, momentum=0.001, eps=0.001), nn.BatchNorm2d(cout, momentum=0.001, eps=0.001)
+        self.conv1, self.conv2 = nn.Conv2d(cin, cout, 3, stride, 1), nn.Conv2d(cout, cout, 3, 1, 1)
+        self.shortcut = None if cin == cout else nn.Conv2d(cin, cout, 1, stride, 0)
+
+    def forward(self, x):
+        out = F.leaky_relu(self.bn1(x), 0.1)
+        shortcut = x if self.shortcut is None else self.shortcut(out)
+        return shortcut + self.conv2(F.leaky_relu(self.bn2(self.conv1(out)), 0.1))
+
+
+def wide_resnet(in_channels, classes, width, groups=3, first_stride=1):
+    """WRN-28-k (3 groups of 4 blocks) and USB's WRN-37-2 for STL-10 (4 groups, first stride 2), USB's initialisation."""
+    chans, layers = [16] + [16 * width * 2**g for g in range(groups)], [nn.Conv2d(in_channels, 16, 3, 1, 1)]
+    for g in range(groups):  # the first block of a group changes the width (and the resolution: first_stride in group 0)
+        layers += [WRNBlock(chans[g + (b > 0)], chans[g + 1], 1 if b else first_stride if g == 0 else 2) for b in range(4)]
+    net = features_and_head(nn.Sequential(*layers, nn.BatchNorm2d(chans[-1], momentum=0.001, eps=0.001), nn.LeakyReLU(0.1),
+                            nn.AdaptiveAvgPool2d(1), nn.Flatten()), nn.Linear(chans[-1], classes))
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="leaky_relu")
+        elif isinstance(m, nn.Linear):
+            nn.init.xavier_normal_(m.weight)
+            nn.init.zeros_(m.bias)
+    return net
+
+
+def conv_large(in_channels, classes):
+    """MetaSemi's 13-layer CNN (Laine & Aila) as its code has it: LeakyReLU 0.1, Dropout2d 0.5, BN momentum 0.1, no bias."""
+    return features_and_head(nn.Sequential(
+        *conv_bn(in_channels, 128), *conv_bn(128, 128), *conv_bn(128, 128), nn.MaxPool2d(2), nn.Dropout2d(0.5),
+        *conv_bn(128, 256), *conv_bn(256, 256), *conv_bn(256, 256), nn.MaxPool2d(2), nn.Dropout2d(0.5),
+        *conv_bn(256, 512, pad=0), *conv_bn(512, 256, 1, 0), *conv_bn(256, 128, 1, 0), nn.AdaptiveAvgPool2d(1),
+        nn.Flatten()), nn.Linear(128, classes))
+
+
+def small_cnn(in_channels, classes, stride=1):
+    """3 convolutions that train in minutes on a CPU, for 8x8 images (digits, tests) or, with a stride-2 first
+    convolution, 28x28 ones (MNIST, Fashion-MNIST). BN momentum 0.01: their runs are short."""
+    block = functools.partial(conv_bn, momentum=0.01, bias=True)
+    return features_and_head(nn.Sequential(*block(in_channels, 32, stride=stride), nn.MaxPool2d(2), *block(32, 64),
+                             nn.MaxPool2d(2), *block(64, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten()), nn.Linear(128, classes))
+
+
+NETS = {"wrn28_2": functools.partial(wide_resnet, width=2), "wrn28_8": functools.partial(wide_resnet, width=8),
+        "wrn37_2": functools.partial(wide_resnet, width=2, groups=4, first_stride=2), "convlarge": conv_large,
+        "cnn_small": small_cnn, "cnn_small_s2": functools.partial(small_cnn, stride=2)}
+
+
+# --- The FreeMatch loss: FixMatch's masked cross-entropy, with a threshold per sample ---
+def masked_ce_reference(logits_s, probs_w, tau, beta):
+    """The definition of `sslkernels.masked_ce`: mask * CE(logits_s, argmax probs_w), mask = 1[conf >= tau] (beta = inf)
+    or sigmoid(beta * (conf - tau)), per sample; used when the extension is absent."""
+    conf, pseudo_label = probs_w.detach().max(dim=1)
+    mask = (conf >= tau).to(logits_s.dtype) if math.isinf(beta) else torch.sigmoid(beta * (conf - tau))
+    return mask * F.cross_entropy(logits_s, pseudo_label, reduction="none"), mask, pseudo_label
+
+
+masked_ce = sslkernels.masked_ce if sslkernels is not None else masked_ce_reference
+
+
+def threshold_state(classes, device):
+    """Self-adaptive thresholding's state, all three starting uniform (USB): the global threshold time_p, the class
+    marginal p_model, the histogram of pseudo-labels label_hist."""
+    uniform = torch.full((classes,), 1 / classes, device=device)
+    return {"time_p": uniform.mean(), "p_model": uniform, "label_hist": uniform.clone()}
+
+
+@torch.no_grad()
+def update_threshold_state(sat, probs_w, args):
+    """The self-adaptive global threshold (EMA of the confidence), the class marginal (EMA of the probabilities) and the
+    fairness term's histogram of pseudo-labels, updated in place from the batch's weak-view predictions."""
+    m, (conf, pseudo_label) = args.ema_p, probs_w.max(dim=1)
+    sat["time_p"].mul_(m).add_(conf.mean(), alpha=1 - m)
+    if args.clip_thresh < 1:
+        sat["time_p"].clamp_(0.0, args.clip_thresh)
+    sat["p_model"].mul_(m).add_(probs_w.mean(dim=0), alpha=1 - m)
+    hist = torch.bincount(pseudo_label, minlength=probs_w.shape[1]).to(probs_w.dtype)
+    sat["label_hist"].mul_(m).add_(hist / hist.sum(), alpha=1 - m)
+
+
+def fairness_loss(logits_us, mask, p_model, label_hist):
+    """Self-adaptive fairness over the masked samples only (0 when none is), as USB: L_f = sum_c a_c log b_c, with
+    a = p_model / label_hist and b = (mean strong-view probability / histogram of strong-view argmaxes), each normalised
+    to sum 1, 1/0 read as 0. L_f = -H(a, b) is negative by design: minimising it raises the cross-entropy H(a, b), which
+    keeps the masked predictions from collapsing onto the classes the model already favours. The mask serves as weights
+    (no boolean indexing), so the step never waits on the device."""
+    inverse = lambda v: torch.where(v > 0, 1 / v, torch.zeros_like(v))
+    probs_s, count = torch.softmax(logits_us, dim=1), mask.sum()
+    weights = mask[:, None] / count.clamp(min=1)
+    hist_s = (F.one_hot(probs_s.detach().argmax(dim=1), probs_s.shape[1]).to(probs_s.dtype) * weights).sum(dim=0)
+    a = p_model * inverse(label_hist)
+    b = (probs_s * weights).sum(dim=0) * inverse(hist_s)
+    # nothing masked: b is 0, and the clamp keeps its gradient finite before the loss is set to 0
+    loss = (a / a.sum() * torch.log(b / b.sum().clamp(min=torch.finfo(b.dtype).tiny) + 1e-12)).sum()
+    return torch.where(count > 0, loss, torch.zeros_like(loss))
+
+
+def freematch_loss(logits, y_l, sat, args):
+    """L = CE(labeled) + lambda_u * L_u + lambda_e * L_f, L_u = mean over mu*B of 1[conf >= tau(yhat)] * CE(strong, yhat)
+    with the self-adaptive local threshold tau(c) = time_p * p_model(c) / max p_model. The state takes this batch's
+    predictions first, as USB's does: step t's mask already uses batch t."""
+    n_u = args.batch_size * args.uratio
+    logits_l, logits_uw, logits_us = torch.split(logits, [args.batch_size, n_u, n_u])
+    loss_s = F.cross_entropy(logits_l, y_l)
+    probs_w = torch.softmax(logits_uw.detach(), dim=1)
+    update_threshold_state(sat, probs_w, args)
+    tau = sat["time_p"] * (sat["p_model"] / sat["p_model"].max())[probs_w.argmax(dim=1)]
+    loss_u, mask, pseudo_label = masked_ce(logits_us, probs_w, tau, math.inf)
+    loss_u = loss_u.mean()
+    loss_f = fairness_loss(logits_us, mask, sat["p_model"], sat["label_hist"])
+    loss = loss_s + args.lambda_u * loss_u + args.lambda_e * loss_f
+    return loss, {"loss_s": loss_s, "loss_u": loss_u, "loss_fair": loss_f, "time_p": sat["time_p"]}, mask, pseudo_label
+
+
+# --- Optimisation, evaluation, the run's folder ---
+def make_optimizer(model, args):
+    """SGD Nesterov; no weight decay on BatchNorm parameters and biases (all the 1-D tensors)."""
+    params = list(model.parameters())
+    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=True)
+    cosine = lambda t: math.cos(7 * math.pi * t / (16 * args.total_steps))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
+
+
+@torch.no_grad()
+def ema_update(ema_model, model, decay, step):
+    """The evaluated model after step t: an EMA of the weights with TensorFlow's warm-up, min(decay, (1 + t) / (10 + t)),
+    and the model's BatchNorm statistics (USB) less the share (1 - momentum)^n that their initial values 0 and 1 keep
+    after n updates (Adam's bias correction): short runs are judged by neither, long ones end as USB's."""
+    torch._foreach_lerp_(list(ema_model.parameters()), list(model.parameters()), 1 - min(decay, (1 + step) / (10 + step)))
+    for e, b in zip(ema_model.buffers(), model.buffers()):
+        e.copy_(b)
+    for bn in ema_model.modules():
+        if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.track_running_stats and bn.momentum:
+            initial_share = (1 - bn.momentum) ** bn.num_batches_tracked.clamp(min=1)  # a tensor: no host sync
+            bn.running_mean.div_(1 - initial_share)
+            bn.running_var.sub_(initial_share).div_(1 - initial_share).clamp_(min=0)  # float32's rounding, in early steps
+
+
+@torch.no_grad()
+def evaluate(model, images, labels, classes, args, prepare, autocast):
+    """Top-1, balanced accuracy (mean of per-class recalls) and per-class accuracy."""
+    model.eval()
+    with autocast():
+        preds = [model(prepare(images[i:i + args.eval_batch_size])).argmax(1).cpu() for i in range(0, len(images), args.eval_batch_size)]
+    model.train()
+    correct = (torch.cat(preds) == labels).float()
+    per_class = [correct[labels == c].mean().item() if (labels == c).any() else float("nan") for c in range(classes)]
+    return {"top1": correct.mean().item(), "balanced_acc": float(np.nanmean(per_class)), "per_class_acc": per_class}
+
+
+def json_safe(x):  # NaN (e.g. a pseudo-label accuracy when nothing was selected) and infinities as null: JSON has neither
+    return json.loads(json.dumps(x), parse_constant=lambda constant: None)
+
+
+def write_atomically(path, write):
+    """write(a temporary file), flushed to disk, renamed over path: a crash leaves the old file or the new, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(where, mmap=False):
+    path = Path(where) / "checkpoint.pt" if Path(where).is_dir() else Path(where)
+    check(path.is_file(), f"--resume {where!r}: no checkpoint file there")
+    try:  # weights_only=False: our own file, which also holds the RNG states; mmap: tensors read only when used
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+        ours = isinstance(ckpt, dict) and isinstance(ckpt.get("args"), dict) and "algorithm" in ckpt
+        written_by = f"written by {ckpt['algorithm']}.py" if ours else "not one of this project"
+    except Exception as e:
+        written_by = f"unreadable, cut short or not written by torch.save: {type(e).__name__}"
+    check(written_by == f"written by {ALGORITHM}.py", f"cannot resume from {path}: not a checkpoint of {ALGORITHM}.py ({written_by})")
+    return ckpt
+
+
+# What --resume lets change: where, how fast, what a run writes (bitwise equal: same device, --threads, bf16, compile...)
+RESUME_MAY_DIFFER = ("data_dir", "device", "workers", "threads", "eval_every", "log_every", "eval_batch_size", "output_dir",
+                     "resume", "overwrite", "stop_after", "channels_last", "bf16", "compile", "tensorboard", "torch_deterministic")
+
+
+class Run:
+    """The run's folder (split.json, metrics.jsonl, TensorBoard's events, checkpoint.pt, summary.json) and its state:
+    the objects in `state` (modules, optimizers, schedulers, tensors: a method adds its own), the RNGs, the best top-1.
+    A fresh run never replaces another's checkpoint unless --overwrite; --resume continues the run in its folder,
+    wherever that was moved, with its records up to the checkpoint, once the flags and the data are found the same."""
+
+    def __init__(self, args, split, state, device):
+        self.args, self.state, self.device, self.saved_step = args, state, device, None
+        ckpt = load_checkpoint(args.resume) if args.resume else None
+        if ckpt:
+            run_dir = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
+            differ = [f"{flag(k)} {v} (checkpoint: {ckpt['args'].get(k)})" for k, v in dataclasses.asdict(args).items()
+                      if k not in RESUME_MAY_DIFFER and ckpt["args"].get(k) != v]
+            check(not differ, f"--resume: this run's flags differ from the checkpoint's: {', '.join(differ)}")
+            # a finished run has nothing left to run (and going on would overwrite its summary.json)
+            check(ckpt["step"] < args.total_steps, f"--resume {args.resume}: that run has finished all its {args.total_steps} steps")
+            check(not (run_dir / "split.json").is_file() or json.loads((run_dir / "split.json").read_text()) == split,
+                  f"--resume {args.resume}: the data has changed since that run began (its labeled, validation or "
+                  f"unlabeled set differs from {run_dir / 'split.json'}); resume it on the same data")
+            check(Path(args.resume).is_dir() or Path(args.resume).name == "checkpoint.pt" or args.overwrite or not (run_dir /
+                  "checkpoint.pt").exists(), f"--resume {args.resume} would replace {run_dir}/checkpoint.pt; --overwrite allows it")
+            check(not args.output_dir or Path(args.output_dir).resolve() == run_dir.resolve(), f"--resume {args.resume} "
+                  f"continues the run in its own folder, not in --output-dir {args.output_dir} (copy the folder there first)")
+            missing = [k for k in state if k not in ckpt]
+            check(not missing, f"cannot resume from {args.resume}: not a checkpoint of this {ALGORITHM}.py (no {', '.join(missing)})")
+            args.output_dir = str(run_dir)
+        self.out = out = Path(args.output_dir or f"runs/{ALGORITHM}_{args.dataset}_{args.labels}_seed{args.seed}")
+        args.output_dir = str(out)
+        check(ckpt or args.overwrite or not (out / "checkpoint.pt").exists(), f"{out} holds an earlier run's checkpoint: "
+              f"--resume {out} continues it, --overwrite replaces it with this run, or choose another --output-dir")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            write_atomically(out / "split.json", lambda f: f.write_text(json.dumps(split)))
+        except OSError as e:
+            raise UserError(f"cannot write to --output-dir {out}: {e.strerror or e}") from None
+        # the run's records up to its checkpoint (not the later or cut-short lines of a stopped run); none beside a fresh run
+        logged = (out / "metrics.jsonl").read_text().splitlines() if ckpt and (out / "metrics.jsonl").exists() else []
+        kept = "".join(l + "\n" for l in logged if (m := re.fullmatch(r'{"step": (\d+), .*}', l)) and int(m[1]) <= ckpt["step"])
+        write_atomically(out / "metrics.jsonl", lambda f: f.write_text(kept))
+        for earlier in ("checkpoint.pt", "summary.json") if not ckpt else ():
+            (out / earlier).unlink(missing_ok=True)
+        self.writer = importlib.import_module("torch.utils.tensorboard").SummaryWriter(str(out)) if args.tensorboard else None
+        for k, obj in state.items() if ckpt else ():
+            obj.load_state_dict(ckpt[k]) if hasattr(obj, "load_state_dict") else obj.copy_(ckpt[k])
+        if ckpt:  # last: building the model and the method's state drew from the RNGs
+            rng = ckpt["rng"]
+            random.setstate(rng["python"]), np.random.set_state(rng["numpy"]), torch.set_rng_state(rng["torch"])
+            if rng["cuda"] is not None and device.type == "cuda":  # a CPU run resumed on a GPU keeps the seeded one
+                torch.cuda.set_rng_state(rng["cuda"], device)
+        self.first_step, self.best_top1, self.seconds_before = (ckpt["step"], ckpt["best_top1"], ckpt["seconds"]) if ckpt else (0, None, 0.0)
+        self.start_time = time.perf_counter()
+
+    def seconds(self):
+        return self.seconds_before + time.perf_counter() - self.start_time
+
+    def log(self, record, note=""):  # to metrics.jsonl, TensorBoard, and the console (numbers only)
+        with (self.out / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(json_safe(record)) + "\n")
+        print(f"[{ALGORITHM}] {record['kind']} step {record['step']}/{self.args.total_steps}: " + ", ".join(
+            f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float)) + (f" | {note}" if note else ""), flush=True)
+        for k, v in record.items() if self.writer else ():
+            if isinstance(v, (int, float)) and k != "step":
+                self.writer.add_scalar(f"{record['kind']}/{k}", v, record["step"])
+
+    def save(self, step):
+        self.saved_step = step
+        checkpoint = {
+            **{k: obj.state_dict() if hasattr(obj, "state_dict") else obj for k, obj in self.state.items()},
+            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),  # the
+                    "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None},  # run's GPU's
+            "algorithm": ALGORITHM, "step": step, "best_top1": self.best_top1,
+            "seconds": self.seconds(), "args": dataclasses.asdict(self.args)}
+        write_atomically(self.out / "checkpoint.pt", lambda f: torch.save(checkpoint, f))
+
+    def finish(self, summary):
+        write_atomically(self.out / "summary.json", lambda f: f.write_text(json.dumps(json_safe(summary), indent=2)))
+        if self.writer:
+            self.writer.close()
+
+
+@contextlib.contextmanager
+def deferred_stop_signals(received):
+    """Ctrl-C or SIGTERM appends its name to `received`: the loop ends its step, checkpoints, stops. A second stops now."""
+    def handler(signum, frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+# --- Training ---
+def train(args):
+    # --- seeds, data ---
+    device = torch.device(args.device)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic  # else cuDNN may pick algorithms whose atomics vary
+    train_x, train_y, test_x, test_y, classes, mean, std = load_data(args)
+    labeled_idx, unlabeled_idx, val_idx = split_labeled(train_y, classes, args, np.random.default_rng(args.seed))
+    check(len(unlabeled_idx) or args.labeled_only, "no training sample is left for the unlabeled set: use fewer "
+          "--labels / --val-labels, no --exclude-labeled, or --labeled-only")
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    mean, std = (torch.tensor(v, dtype=torch.float32, device=device).view(1, -1, 1, 1) for v in (mean, std))
+    # uint8 (N, H, W, C) -> normalised float (N, C, H, W) on the device
+    prepare = lambda x: ((x.to(device, non_blocking=True).permute(0, 3, 1, 2).float() / 255 - mean) / std).contiguous(
+        memory_format=memory_format)
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and args.bf16)
+    test_images, test_labels = torch.from_numpy(test_x), torch.from_numpy(test_y)
+    val_images, val_labels = torch.from_numpy(train_x[val_idx]), torch.from_numpy(train_y[val_idx])
+
+    # --- model, EMA, optimiser: the run's state, and its folder ---
+    model = NETS[args.net](train_x.shape[-1], classes)
+    try:  # a network too deep for the images fails here, in one line (eval mode: BatchNorm's statistics stay untouched)
+        with torch.no_grad():
+            model.eval()(torch.zeros(2, *train_x.shape[3:], *train_x.shape[1:3]))
+    except RuntimeError as e:
+        raise UserError(f"--net {args.net} does not fit the images of --dataset {args.dataset}: {str(e).splitlines()[0]}") from None
+    model = model.train().to(device, memory_format=memory_format)
+    ema_model = copy.deepcopy(model).requires_grad_(False)
+    optimizer, scheduler = make_optimizer(model, args)
+    forward = torch.compile(model) if args.compile else model
+    sat = threshold_state(classes, device)  # FreeMatch's state, in the checkpoint with the model's
+    state = {"model": model, "ema_model": ema_model, "optimizer": optimizer, "scheduler": scheduler, **sat}
+    run = Run(args, {"labeled": labeled_idx.tolist(), "validation": val_idx.tolist(), "unlabeled_count": len(unlabeled_idx)},
+              state, device)
+    loader = torch.utils.data.DataLoader(  # own generator: creating the iterator must not consume the global RNG
+        range(run.first_step, args.total_steps), batch_size=None, generator=torch.Generator(), worker_init_fn=worker_init,
+        collate_fn=functools.partial(make_batch, images=train_x, labels=train_y, labeled_idx=labeled_idx,
+                                     unlabeled_idx=unlabeled_idx, args=args, flip=DATASETS[args.dataset][5]),
+        num_workers=args.workers, persistent_workers=args.workers > 0, prefetch_factor=4 if args.workers else None,
+        pin_memory=device.type == "cuda")
+
+    # --- the training loop ---
+    print(f"[{ALGORITHM}] {args.dataset}: {len(labeled_idx)} labeled, {len(unlabeled_idx)} unlabeled, {len(test_y)} test | "
+          f"net {args.net} on {device} | {'sslkernels' if sslkernels else 'no extension (pure PyTorch)'} | output {run.out}")
+    last_step = args.total_steps if args.stop_after <= 0 else min(args.total_steps, run.first_step + args.stop_after)
+    sums, n_logged, eval_result, stop_signals = None, 0, None, []
+    batches, window_start = iter(loader), time.perf_counter()
+    with deferred_stop_signals(stop_signals):
+        for step in range(run.first_step + 1, last_step + 1):
+            try:
+                batch = next(batches)
+            except Exception:
+                if not stop_signals:
+                    raise
+                last_step = step - 1  # the workers ended with the signal: stop before this step
+                break
+            x_l, y_l = prepare(batch["x_l"]), batch["y_l"].to(device, non_blocking=True)
+            # labeled, weak and strong views in ONE forward: BatchNorm sees them together
+            inputs = x_l if args.labeled_only else torch.cat([x_l, prepare(batch["x_uw"]), prepare(batch["x_us"])])
+            with autocast():
+                logits = forward(inputs).float()
+            if args.labeled_only:
+                stats = {"loss_s": (loss := F.cross_entropy(logits, y_l))}
+            else:
+                # ---- FreeMatch ----
+                loss, stats, mask, pseudo_label = freematch_loss(logits, y_l, sat, args)
+                # pseudo-label diagnostics; y_u = -1 where the true label is unknown
+                y_u = batch["y_u"].to(device, non_blocking=True)
+                known, correct = (y_u >= 0).float(), (pseudo_label == y_u).float()
+                stats.update(mask_rate=mask.mean(), selected=(mask * known).sum(), selected_correct=(mask * correct).sum(),
+                             known=known.sum(), correct=correct.sum())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            lr = scheduler.get_last_lr()[0]  # this step's, logged below
+            scheduler.step()
+            ema_update(ema_model, model, args.ema, step)
+
+            # --- logging, evaluation, checkpoints ---
+            # summed on the device and read once per log interval: no host sync on the hot path
+            values = torch.stack([loss.detach(), *(v.detach().float() for v in stats.values())])
+            sums, n_logged = values if sums is None else sums + values, n_logged + 1
+            stopping = bool(stop_signals)  # read once: the step that sees a signal is logged, checkpointed, the last
+            if step % args.log_every == 0 or step == last_step or stopping:
+                w = {k: v / n_logged for k, v in zip(["loss", *stats], sums.tolist())}  # means over the interval
+                rec = {"step": step, "kind": "train", "lr": lr, **{k: w[k] for k in ("loss", "loss_s", "loss_u", "loss_fair", "time_p", "mask_rate") if k in w}}
+                if "known" in w:  # accuracy of the selected pseudo-labels, and of all of them
+                    rec["pseudo_label_acc"] = w["selected_correct"] / w["selected"] if w["selected"] else float("nan")
+                    rec["pseudo_label_acc_all"] = w["correct"] / w["known"] if w["known"] else float("nan")
+                rec["steps_per_second"] = rate = n_logged / (time.perf_counter() - window_start)
+                run.log(rec, f"ETA {(last_step - step) / rate / 60:.1f} min")
+                sums, n_logged, window_start = None, 0, time.perf_counter()
+            if step % args.eval_every == 0 or step == args.total_steps:
+                eval_result = evaluate(ema_model, test_images, test_labels, classes, args, prepare, autocast)
+                if len(val_idx):  # also in summary.json: a model chosen by it has not seen the test set
+                    val = evaluate(ema_model, val_images, val_labels, classes, args, prepare, autocast)
+                    eval_result.update(val_top1=val["top1"], val_balanced_acc=val["balanced_acc"])
+                run.best_top1 = max(eval_result["top1"], run.best_top1 or 0.0)
+                run.log({"step": step, "kind": "eval", **eval_result, "best_top1": run.best_top1})
+                run.save(step)
+            if stopping:
+                last_step = step
+                break
+    if run.saved_step != last_step:  # a planned stop or a signal (also before any step): all needed to resume
+        run.save(last_step)
+    del batches
+
+    summary = {"algorithm": ALGORITHM, "fused_kernels": sslkernels is not None,  # else the pure-PyTorch fallback
+               "steps": last_step, "finished": last_step == args.total_steps,
+               "stopped_by": stop_signals[0] if stop_signals and last_step < args.total_steps else None,
+               **(eval_result or dict.fromkeys(("top1", "balanced_acc", "per_class_acc"))), "best_top1": run.best_top1,
+               "seconds": run.seconds(), "args": dataclasses.asdict(args)}
+    run.finish(summary)
+    return summary
+
+
+def main(argv=None):
+    try:
+        summary = train(parse_args(argv))
+    except UserError as e:
+        sys.exit(f"{ALGORITHM}.py: error: {e}")
+    if summary["stopped_by"]:
+        print(f"[{ALGORITHM}] {summary['stopped_by']}: stopped after step {summary['steps']} with a checkpoint; "
+              f"--resume {summary['args']['output_dir']} continues the run")
+        sys.exit(128 + signal.Signals[summary["stopped_by"]])  # the shell's code for a process ended by that signal
+
+
+if __name__ == "__main__":
+    main()
