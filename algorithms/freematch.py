@@ -457,7 +457,8 @@ def threshold_state(classes, device):
 @torch.no_grad()
 def update_threshold_state(sat, probs_w, args):
     """The self-adaptive global threshold (EMA of the confidence), the class marginal (EMA of the probabilities) and the
-    fairness term's histogram of pseudo-labels, updated in place from the batch's weak-view predictions."""
+    fairness term's histogram of pseudo-labels, updated in place from the batch's weak-view predictions; returns
+    the batch's pseudo-labels."""
     m, (conf, pseudo_label) = args.ema_p, probs_w.max(dim=1)
     sat["time_p"].mul_(m).add_(conf.mean(), alpha=1 - m)
     if args.clip_thresh < 1:
@@ -465,6 +466,7 @@ def update_threshold_state(sat, probs_w, args):
     sat["p_model"].mul_(m).add_(probs_w.mean(dim=0), alpha=1 - m)
     hist = torch.bincount(pseudo_label, minlength=probs_w.shape[1]).to(probs_w.dtype)
     sat["label_hist"].mul_(m).add_(hist / hist.sum(), alpha=1 - m)
+    return pseudo_label
 
 
 def fairness_loss(logits_us, mask, p_model, label_hist):
@@ -492,8 +494,8 @@ def freematch_loss(logits, y_l, sat, args):
     logits_l, logits_uw, logits_us = torch.split(logits, [args.batch_size, n_u, n_u])
     loss_s = F.cross_entropy(logits_l, y_l)
     probs_w = torch.softmax(logits_uw.detach(), dim=1)
-    update_threshold_state(sat, probs_w, args)
-    tau = sat["time_p"] * (sat["p_model"] / sat["p_model"].max())[probs_w.argmax(dim=1)]
+    pseudo_label = update_threshold_state(sat, probs_w, args)
+    tau = sat["time_p"] * (sat["p_model"] / sat["p_model"].max())[pseudo_label]
     loss_u, mask, pseudo_label = masked_ce(logits_us, probs_w, tau, math.inf)
     loss_u = loss_u.mean()
     loss_f = fairness_loss(logits_us, mask, sat["p_model"], sat["label_hist"])

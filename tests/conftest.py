@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,6 +36,16 @@ def top_level_definitions(path):
 def records(out):
     """The records of a run's metrics.jsonl."""
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def full_and_resumed(algorithm, argv, stop_after):
+    """Train `argv(name, *extra)` straight through ("full") and stopped after `stop_after` steps then resumed ("cut");
+    the two summaries and the two final checkpoints."""
+    out = lambda name: Path(argv(name)[argv(name).index("--output-dir") + 1])
+    full = algorithm.train(algorithm.parse_args(argv("full")))
+    algorithm.train(algorithm.parse_args(argv("cut", "--stop-after", str(stop_after))))
+    resumed = algorithm.train(algorithm.parse_args(argv("cut", "--resume", str(out("cut")))))
+    return full, resumed, *(torch.load(out(name) / "checkpoint.pt", weights_only=False) for name in ("full", "cut"))
 
 
 def write_image_folder(root, classes=4, per_class=64, size=8, seed=0):

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, error_of, load_algorithm, records, tiny, top_level_definitions
+from conftest import ROOT, error_of, full_and_resumed, load_algorithm, records, tiny, top_level_definitions
 
 
 @pytest.fixture(scope="session")
@@ -155,12 +155,8 @@ def test_kernel_and_fallback_agree_with_a_threshold_per_sample(freematch, device
 
 
 def test_run_logs_the_threshold_and_resumes_bitwise(freematch, tmp_path):
-    common = ["--total-steps", "6", "--eval-every", "3"]
-    full = freematch.train(freematch.parse_args(tiny(tmp_path, *common, name="full")))
-    freematch.train(freematch.parse_args(tiny(tmp_path, *common, "--stop-after", "4", name="cut")))
-    resumed = freematch.train(freematch.parse_args(tiny(tmp_path, *common, "--resume", str(tmp_path / "cut"), name="cut")))
-    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
-    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    argv = lambda name, *extra: tiny(tmp_path, "--total-steps", "6", "--eval-every", "3", *extra, name=name)
+    full, resumed, a, b = full_and_resumed(freematch, argv, stop_after=4)
     for k in ("time_p", "p_model", "label_hist"):
         assert torch.equal(a[k], b[k]), k
     assert a["time_p"].item() != pytest.approx(1 / 4)  # the state moved and was saved

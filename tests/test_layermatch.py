@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, error_of, load_algorithm, records, tiny, top_level_definitions
+from conftest import ROOT, error_of, full_and_resumed, load_algorithm, records, tiny, top_level_definitions
 
 
 @pytest.fixture(scope="session")
@@ -175,11 +175,7 @@ def test_ablations_run_and_log_their_losses(layermatch, tmp_path, extra):
 
 def test_resume_is_bitwise_equal_to_an_uninterrupted_run(layermatch, tmp_path):
     common = ["--total-steps", "7", "--eval-every", "3", "--ac-reset-every", "3", "--ac-lr", "10"]
-    full = layermatch.train(layermatch.parse_args(tiny(tmp_path, *common, name="full")))
-    layermatch.train(layermatch.parse_args(tiny(tmp_path, *common, "--stop-after", "5", name="cut")))
-    resumed = layermatch.train(layermatch.parse_args(tiny(tmp_path, *common, "--resume", str(tmp_path / "cut"), name="cut")))
-    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
-    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    full, resumed, a, b = full_and_resumed(layermatch, lambda name, *extra: tiny(tmp_path, *common, *extra, name=name), stop_after=5)
     for part in ("model", "ema_model", "avg_head"):
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), (part, k)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, error_of, load_algorithm, records, signal_in_step, tiny, top_level_definitions
+from conftest import ROOT, error_of, full_and_resumed, load_algorithm, records, signal_in_step, tiny, top_level_definitions
 
 try:
     import sslkernels
@@ -222,11 +222,7 @@ def test_dataset_defaults(meta_semi, dataset, net, decay, alpha):
 def test_resume_is_bitwise_equal_to_an_uninterrupted_run(meta_semi, tmp_path):
     """Mixup's lambdas and ConvLarge's dropout masks come from the RNGs that the checkpoint holds."""
     common = ["--total-steps", "7", "--eval-every", "3", "--net", "convlarge", "--image-size", "12", "--warmup-steps", "3"]
-    full = meta_semi.train(meta_semi.parse_args(small(tmp_path, *common, name="full")))
-    meta_semi.train(meta_semi.parse_args(small(tmp_path, *common, "--stop-after", "4", name="cut")))
-    resumed = meta_semi.train(meta_semi.parse_args(small(tmp_path, *common, "--resume", str(tmp_path / "cut"), name="cut")))
-    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
-    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    full, resumed, a, b = full_and_resumed(meta_semi, lambda name, *extra: small(tmp_path, *common, *extra, name=name), stop_after=4)
     assert a["step"] == b["step"] == 7
     for part in ("model", "ema_model"):
         for k in a[part]:
