@@ -6,6 +6,7 @@ EMA of the weights evaluated); docs/methods.md gives the equations and the choic
 
     python algorithms/fixmatch.py --dataset cifar10 --labels 40
     python algorithms/fixmatch.py --dataset digits --labels 40 --total-steps 3000   # offline, CPU, minutes
+    python algorithms/fixmatch.py --dataset text --data-dir reviews/ --labels 20 --pretrained all-MiniLM-L6-v2/
 """
 
 import argparse
@@ -53,8 +54,8 @@ FINITE, FRACTION = (lambda v: 0 <= v < math.inf, "0 or a positive finite number"
 @dataclass
 class Args:
     # data
-    dataset: str = arg("cifar10", "cifar10 | cifar100 | svhn | stl10 | mnist | fashion_mnist | digits | folder")
-    data_dir: str = arg("./data", "where the datasets are (or get downloaded); for folder: train/<class>/ and test/<class>/")
+    dataset: str = arg("cifar10", "cifar10 | cifar100 | svhn | stl10 | mnist | fashion_mnist | digits | folder | text")
+    data_dir: str = arg("./data", "where the datasets are (or get downloaded); folder: train/<class>/ and test/<class>/; text: train.jsonl and test.jsonl")
     labels: int = arg(40, "labeled samples, spread evenly over the classes")
     val_labels: int = arg(0, "labeled samples held out (evenly over classes) as a validation split; 0 = none")
     exclude_labeled: bool = arg(False, "keep labeled samples out of the unlabeled set (FixMatch and USB keep them in; --n1 always does)")
@@ -63,8 +64,10 @@ class Args:
     gamma_l: float = arg(100.0, "imbalance ratio of the labeled split (with --n1)")
     gamma_u: float = arg(100.0, "imbalance ratio of the unlabeled split (with --n1)")
     image_size: int = arg(32, "`folder` images are resized to this square size", POSITIVE)
+    max_length: int = arg(512, "text: tokens kept of each text (a batch is padded to its longest)", (lambda v: v >= 2, "at least 2"))
     # model and optimisation
     net: str = arg("", "wrn28_2 | wrn28_8 | wrn37_2 | convlarge | cnn_small | cnn_small_s2; empty = the dataset's default")
+    pretrained: str = arg("", "a Hugging Face model folder to fine-tune instead of --net: a text (BERT...) or image (ViT, DINOv2...) encoder; it sets USB's fine-tuning defaults")
     batch_size: int = arg(64, "labeled batch size B", POSITIVE)
     uratio: int = arg(7, "mu: the unlabeled batch holds mu * B samples", POSITIVE)
     lr: float = arg(0.03, "SGD learning rate, decayed as lr * cos(7 pi t / 16 T)", FINITE)
@@ -73,6 +76,11 @@ class Args:
                               (lambda v: v == -1 or 0 <= v < math.inf, "-1 (the dataset's default), 0 or a positive finite number"))
     ema: float = arg(0.999, "decay of the EMA of the weights that is evaluated; at step t: min(ema, (1+t)/(10+t))", FRACTION)
     total_steps: int = arg(2**20, "training steps T", POSITIVE)
+    optimizer: str = arg("sgd", "sgd: the method's own optimiser and schedule | adamw: AdamW, --layer-decay, --lr-warmup then cosine (the default with --pretrained)",
+                         (lambda v: v in ("sgd", "adamw"), "sgd or adamw"))
+    layer_decay: float = arg(1.0, "adamw: the lr of encoder layer l of L is lr * layer_decay^(L + 1 - l) (0: embeddings; the head has lr)",
+                             (lambda v: 0 < v <= 1, "in (0, 1]"))
+    lr_warmup: int = arg(0, "adamw: steps of linear lr warm-up from 0, then cosine decay lr * cos(7 pi t / 16 T) over the rest", NON_NEGATIVE)
     # method
     tau: float = arg(0.95, "confidence threshold of the pseudo-labels (above 1: none passes)", (lambda v: v == v, "a number"))
     lambda_u: float = arg(1.0, "weight of the unlabeled loss", FINITE)
@@ -114,20 +122,25 @@ def parse_args(argv=None) -> Args:
     for f in dataclasses.fields(Args):
         kind = {"action": argparse.BooleanOptionalAction} if isinstance(f.default, bool) else {"type": type(f.default)}
         parser.add_argument(flag(f.name), default=f.default, help=f.metadata["help"], **kind)
-    if resume := parser.parse_known_args(argv)[0].resume:  # a flag left out takes the checkpoint's value, but these
+    given = parser.parse_known_args(argv)[0]
+    if given.pretrained:  # USB's fine-tuning settings (its usb_nlp and usb_cv configs), each overridable by its flag
+        parser.set_defaults(**PRETRAINED_DEFAULTS["text" if given.dataset == "text" else "image"])
+    if resume := given.resume:  # a flag left out takes the checkpoint's value, but these
         per_invocation = ("device", "workers", "resume", "overwrite", "stop_after", "output_dir")
         saved = load_checkpoint(resume, mmap=True)["args"]  # Run loads the tensors
         parser.set_defaults(**{k: v for k, v in saved.items() if k in Args.__dataclass_fields__ and k not in per_invocation})
     args = Args(**vars(parser.parse_args(argv)))
     # the defaults that depend on the dataset and the machine; a bad flag stops the run here, in one line
     check(args.dataset in DATASETS, f"unknown --dataset {args.dataset!r}; choose one of {', '.join(DATASETS)}")
-    args.net = args.net or DATASETS[args.dataset][3]
+    check(args.pretrained or args.dataset != "text", "--dataset text needs --pretrained: the folder of a text encoder (BERT and the like)")
+    check(not (args.pretrained and args.net), f"--net {args.net} or --pretrained {args.pretrained}: choose one network")
+    args.net = args.net or ("" if args.pretrained else DATASETS[args.dataset][3])
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     check(re.fullmatch(r"cpu|cuda(:\d+)?", args.device), f"--device must be cpu, cuda or cuda:<index>, got {args.device!r}")
     cuda_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
     check(args.device == "cpu" or (torch.device(args.device).index or 0) < cuda_devices,
           f"--device {args.device}: this machine has {cuda_devices} CUDA device(s)")
-    check(args.net in NETS, f"unknown --net {args.net!r}; choose one of {', '.join(NETS)}")
+    check(args.pretrained or args.net in NETS, f"unknown --net {args.net!r}; choose one of {', '.join(NETS)}")
     for f in dataclasses.fields(args):
         if f.metadata["valid"]:
             ok, rule = f.metadata["valid"]
@@ -148,6 +161,15 @@ DATASETS = {
     "fashion_mnist": (10, (0.2860,), (0.3530,), "cnn_small_s2", 5e-4, True),
     "digits": (10, (0.5,), (0.5,), "cnn_small", 5e-4, False),
     "folder": (0, None, None, "wrn28_2", 5e-4, True),
+    "text": (0, None, None, "", 5e-4, False),  # classes from the files; a --pretrained text encoder
+}
+# The defaults with --pretrained: USB's usb_nlp (BERT) and usb_cv (ViT) settings. B = 8, mu = 1, no EMA; AdamW with
+# layer-wise lr decay (0.75 for BERT; 0.5 and 0.65 for USB's ViTs on CIFAR-100 and STL-10), warm-up then cosine.
+PRETRAINED_DEFAULTS = {
+    "text": dict(batch_size=8, uratio=1, ema=0.0, optimizer="adamw", lr=5e-5, layer_decay=0.75, weight_decay=5e-4,
+                 lr_warmup=5120, total_steps=102_400),
+    "image": dict(batch_size=8, uratio=1, ema=0.0, optimizer="adamw", lr=5e-4, layer_decay=0.5, weight_decay=5e-4,
+                  lr_warmup=5120, total_steps=204_800),
 }
 
 
@@ -228,9 +250,63 @@ def load_digits():
     return x[~test], d.target[~test], x[test], d.target[test]
 
 
-def load_data(args):
-    """The dataset's arrays, its number of classes, and the per-channel mean and std that normalise it."""
+def load_text(root, tokenizer, max_length):
+    """`root/train.jsonl` and `root/test.jsonl`, one {"text": ..., "label": ...} per line, or entries in USB's format,
+    {"ori": ..., "aug_0": ..., "aug_1": ..., "label": ...} (a text and two back-translations), per line or as USB ships
+    them (`train.json` / `test.json`: an object of entries). Labels are class names (sorted) or integers 0, 1, ...
+    Each text is tokenised once by the encoder's tokenizer: int32 token ids, -1 after the text's end, shaped
+    (texts, views, length); a training text's views are the original, then its back-translations if given."""
+    def read(split):
+        for path in (Path(root) / f"{split}.jsonl", Path(root) / f"{split}.json"):
+            if path.is_file():
+                try:
+                    with open(path, encoding="utf-8") as f:
+                        entries = [json.loads(l) for l in f if l.strip()] if path.suffix == ".jsonl" else list(json.load(f).values())
+                except (ValueError, AttributeError, UnicodeDecodeError) as e:
+                    raise UserError(f"--dataset text: {path} is not {'JSON lines' if path.suffix == '.jsonl' else 'a JSON object of entries'} ({e})") from None
+                check(entries and all(isinstance(e, dict) and isinstance(e.get("label"), (str, int)) and
+                                      isinstance(e.get("text", e.get("ori")), str) for e in entries), f"--dataset text: every "
+                      f"entry of {path} needs a \"text\" (or USB's \"ori\") string and a \"label\", a name or an integer")
+                return path, entries
+        raise UserError(f"--dataset text: no {split}.jsonl (or USB's {split}.json) in --data-dir {root}")
+
+    (train_path, train), (test_path, test) = read("train"), read("test")
+    names = sorted({e["label"] for e in train + test}, key=str)
+    if all(type(n) is int or isinstance(n, str) and n.isdigit() for n in names):  # USB writes its integers as strings
+        for e in train + test:
+            e["label"] = int(e["label"])
+        check(min(e["label"] for e in train + test) >= 0, "--dataset text: integer labels count from 0")
+        names = list(range(max(e["label"] for e in train + test) + 1))
+    else:
+        check(all(isinstance(n, str) for n in names), f"--dataset text: labels must be all names or all integers >= 0, found {names[:6]}")
+    unseen = {e["label"] for e in test} - {e["label"] for e in train}
+    check(not unseen, f"--dataset text: {test_path} has labels that no training text has: {sorted(unseen, key=str)[:6]}")
+    augmented = [all(isinstance(e.get(k), str) for k in ("aug_0", "aug_1")) for e in train]
+    check(all(augmented) or not any(augmented), f"--dataset text: in {train_path}, some entries have \"aug_0\" and \"aug_1\" and "
+          "others not: give every text its back-translations, or none")
+    views = ("ori", "aug_0", "aug_1") if augmented[0] else ("ori",)
+
+    def tokenize(entries, keys):
+        texts = [e.get("text", e.get("ori")) if k == "ori" else e[k] for e in entries for k in keys]
+        ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+        out = np.full((len(texts), max(map(len, ids))), -1, np.int32)
+        for row, t in zip(out, ids):
+            row[:len(t)] = t
+        return out.reshape(len(entries), len(keys), -1)
+
+    label = {n: i for i, n in enumerate(names)}
+    return (tokenize(train, views), np.array([label[e["label"]] for e in train]), tokenize(test, ("ori",)),
+            np.array([label[e["label"]] for e in test]), len(names))
+
+
+def load_data(args, encoder=None):
+    """The dataset's arrays, its number of classes, and the per-channel mean and std that normalise it (None for text)."""
     classes, mean, std = DATASETS[args.dataset][:3]
+    if args.dataset == "text":
+        check(encoder["kind"] == "text", f"--dataset text needs a text encoder; --pretrained {args.pretrained} holds an image encoder")
+        train_x, train_y, test_x, test_y, classes = load_text(args.data_dir, encoder["tokenizer"], args.max_length)
+        return train_x, train_y, test_x, test_y, classes, None, None
+    check(not encoder or encoder["kind"] == "image", f"--pretrained {args.pretrained} holds a text encoder; it reads --dataset text")
     if args.dataset == "folder":  # its own mean and std per channel, summed in float64 over slices (np.std copies all)
         train_x, train_y, test_x, test_y, classes = load_folder(args.data_dir, args.image_size)
         m1, m2 = sum(np.stack([(p := part.reshape(-1, part.shape[-1]).astype(np.float64)).sum(0), (p * p).sum(0)])
@@ -330,6 +406,46 @@ def strong_augment(x, rng, flip):
     return x
 
 
+def weak_text(x, rng):
+    """A text's weak view: the original (x: the text's stored views, token ids and -1 after the end)."""
+    return x[0]
+
+
+def strong_text(x, rng, special_ids, mask_id):
+    """A text's strong view: one of its back-translations at random (USB's choice), where the data gives them. Else,
+    offline, 2 operations drawn at random from deletion, swap and masking (as RandAugment draws 2 image operations), each
+    on a random fraction U(0.05, 0.3) of the text's tokens (at least one): deletion and swap with another random
+    position as EDA's word operations, masking with the encoder's mask token, its pretraining's corruption. Special
+    tokens ([CLS], [SEP]) stay; a deletion never empties the text."""
+    if len(x) > 1:
+        return x[rng.randint(1, len(x) - 1)]
+    ids = x[0][x[0] >= 0].tolist()
+    for op in rng.choices(["delete", "swap"] + (["mask"] if mask_id is not None else []), k=2):
+        inner = [i for i, t in enumerate(ids) if t not in special_ids]
+        chosen = rng.sample(inner, max(1, round(rng.uniform(0.05, 0.3) * len(inner)))) if inner else []
+        if op == "delete" and len(chosen) < len(inner):
+            dropped = set(chosen)
+            ids = [t for i, t in enumerate(ids) if i not in dropped]
+        for i in chosen if op != "delete" else ():
+            if op == "swap":
+                j = rng.choice(inner)
+                ids[i], ids[j] = ids[j], ids[i]
+            else:
+                ids[i] = mask_id
+    out = np.full(x.shape[1], -1, x.dtype)
+    out[:len(ids)] = ids
+    return out
+
+
+def augmentations(args, encoder):
+    """The weak and the strong view, functions (sample, rng) -> view: of images, or of the texts of --dataset text."""
+    if args.dataset == "text":
+        tokenizer = encoder["tokenizer"]
+        return weak_text, functools.partial(strong_text, special_ids=frozenset(tokenizer.all_special_ids), mask_id=tokenizer.mask_token_id)
+    flip = DATASETS[args.dataset][5]
+    return functools.partial(weak_augment, flip=flip), functools.partial(strong_augment, flip=flip)
+
+
 def sample_indices(n, count, step, seed, stream):
     """Positions [step*count, (step+1)*count) of an endless stream of epochs, permutations drawn from (seed, stream, epoch)."""
     pos, out = np.arange(step * count, (step + 1) * count), np.empty(count, np.int64)
@@ -345,15 +461,16 @@ def augmentation_rng(seed, step):
     return random.Random(seed * 1_000_003 + step if step < 1_000_003 else 2**96 + (seed << 64) + step)
 
 
-def make_batch(step, images, labels, labeled_idx, unlabeled_idx, args, flip):
-    """The uint8 batch of step `step` (labeled weak view, unlabeled weak and strong views), from (seed, step) alone."""
+def make_batch(step, images, labels, labeled_idx, unlabeled_idx, args, weak, strong):
+    """The batch of step `step` (labeled weak view, unlabeled weak and strong views: uint8 images or token ids), from
+    (seed, step) alone."""
     rng = augmentation_rng(args.seed, step)
-    views = lambda idx, augment: torch.from_numpy(np.stack([augment(images[i], rng, flip) for i in idx]))
+    views = lambda idx, augment: torch.from_numpy(np.stack([augment(images[i], rng) for i in idx]))
     lab = labeled_idx[sample_indices(len(labeled_idx), args.batch_size, step, args.seed, 0)]
-    batch = {"x_l": views(lab, weak_augment), "y_l": torch.from_numpy(labels[lab])}
+    batch = {"x_l": views(lab, weak), "y_l": torch.from_numpy(labels[lab])}
     if not args.labeled_only:
         u = sample_indices(len(unlabeled_idx), args.batch_size * args.uratio, step, args.seed, 1)
-        batch.update(x_uw=views(unlabeled_idx[u], weak_augment), x_us=views(unlabeled_idx[u], strong_augment),
+        batch.update(x_uw=views(unlabeled_idx[u], weak), x_us=views(unlabeled_idx[u], strong),
                      y_u=torch.from_numpy(labels[unlabeled_idx[u]]), idx_u=torch.from_numpy(u))
     return batch
 
@@ -430,6 +547,100 @@ NETS = {"wrn28_2": functools.partial(wide_resnet, width=2), "wrn28_8": functools
         "cnn_small": small_cnn, "cnn_small_s2": functools.partial(small_cnn, stride=2)}
 
 
+def load_encoder(folder):
+    """The pretrained encoder in a Hugging Face folder, read from disk alone (never from a hub), and what it reads: its
+    tokenizer (a text encoder), or the input size, channels and normalisation of its image processor (an image one)."""
+    check(importlib.util.find_spec("transformers"), "--pretrained needs transformers: pip install transformers")
+    import transformers
+
+    path = Path(folder)
+    check((path / "config.json").is_file(), f"--pretrained {folder}: no config.json there; it takes a Hugging Face model "
+          "folder (config.json, the weights, and the tokenizer's or image processor's files)")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the data workers fork after the tokenizer ran
+    transformers.logging.set_verbosity_error()  # e.g. "weights not used": the pretraining heads, left out on purpose
+    transformers.logging.disable_progress_bar()
+    first_line = lambda e: (str(e).strip().splitlines() or [""])[0]
+    try:
+        encoder = transformers.AutoModel.from_pretrained(path, local_files_only=True).float()
+    except Exception as e:
+        raise UserError(f"--pretrained {folder}: cannot load the model ({type(e).__name__}: {first_line(e)})") from None
+    kind = {"input_ids": "text", "pixel_values": "image"}.get(encoder.main_input_name)
+    check(kind and hasattr(encoder.config, "hidden_size"), f"--pretrained {folder}: a {encoder.config.model_type} model, "
+          f"which reads {encoder.main_input_name}; supported are the encoders of text (BERT...) and images (ViT, DINOv2...)")
+    if getattr(encoder, "pooler", None) is not None:  # unused: the features pool the last layer's tokens themselves
+        encoder.pooler = None
+    if kind == "text":
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except Exception as e:
+            raise UserError(f"--pretrained {folder}: cannot load its tokenizer ({type(e).__name__}: {first_line(e)})") from None
+        return {"kind": kind, "model": encoder, "tokenizer": tokenizer, "pad_id": tokenizer.pad_token_id or 0}
+    try:  # the image processor's settings, read as saved (they decide the input size and the normalisation)
+        processor = json.loads((path / "preprocessor_config.json").read_text())
+        size = processor["crop_size"] if processor.get("do_center_crop") else processor["size"]  # what it feeds the model
+        side = lambda key: int(size.get(key) or size["shortest_edge"] if isinstance(size, dict) else size)
+        spec = {"size": (side("height"), side("width")), "mean": list(processor["image_mean"]), "std": list(processor["image_std"])}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"--pretrained {folder}: no readable preprocessor_config.json with the input size, image_mean and "
+                        f"image_std ({type(e).__name__}: {first_line(e)})") from None
+    return {"kind": kind, "model": encoder, "channels": encoder.config.num_channels, **spec}
+
+
+class PretrainedFeatures(nn.Module):
+    """A pretrained encoder's features for the linear head: the mean of its last layer over a text's tokens (USB's BERT
+    wrapper averages all positions, padding included; here the padding is left out, so a text's features do not depend
+    on the batch it is padded with), or an image's first token (CLS, after the final norm); then dropout 0.1 (USB)."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder, self.kind, self.pad_id, self.dropout = encoder["model"], encoder["kind"], encoder.get("pad_id"), nn.Dropout(0.1)
+
+    def forward(self, x):
+        if self.kind == "image":
+            return self.dropout(self.encoder(pixel_values=x).last_hidden_state[:, 0])
+        mask = x >= 0  # token ids, -1 after a text's end
+        hidden = self.encoder(input_ids=torch.where(mask, x, self.pad_id), attention_mask=mask.long()).last_hidden_state
+        mask = mask.unsqueeze(-1).to(hidden.dtype)
+        return self.dropout((hidden * mask).sum(1) / mask.sum(1))
+
+
+def make_model(args, encoder, in_channels, classes):
+    """--net from scratch, or the --pretrained encoder's features under a new linear head."""
+    if not encoder:
+        return NETS[args.net](in_channels, classes)
+    return features_and_head(PretrainedFeatures(encoder), nn.Linear(encoder["model"].config.hidden_size, classes))
+
+
+def input_pipeline(args, mean, std, encoder, device):
+    """The batches' form on the device: uint8 images (N, H, W, C) -> normalised float (N, C, H, W), resized to a
+    pretrained encoder's input with its normalisation and channels; token ids (N, L), or a text's stored views
+    (N, views, L) read as their original, -> int64 ids cut to the longest text of the batch."""
+    if args.dataset == "text":
+        def prepare(x):
+            x = x[:, 0] if x.ndim == 3 else x
+            longest = max(1, int((x >= 0).sum(1).max()))  # counted on the host; cut on the device (a pinned copy)
+            return x.to(device, non_blocking=True)[:, :longest].long()
+        return prepare
+    if encoder:
+        mean, std = encoder["mean"], encoder["std"]
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    mean, std = (torch.tensor(v, dtype=torch.float32, device=device).view(1, -1, 1, 1) for v in (mean, std))
+
+    def prepare(x):
+        x = x.to(device, non_blocking=True).permute(0, 3, 1, 2).float() / 255
+        if encoder:  # grey images feed every channel of a colour model
+            x = x.expand(-1, encoder["channels"], -1, -1) if x.shape[1] == 1 else x
+            x = F.interpolate(x, size=encoder["size"], mode="bilinear", antialias=True) if x.shape[2:] != encoder["size"] else x
+        return ((x - mean) / std).contiguous(memory_format=memory_format)
+    return prepare
+
+
+def join(inputs):
+    """The batches of one forward as one: images concatenated; texts padded (with -1) to the longest first."""
+    longest = max(x.shape[-1] for x in inputs)
+    return torch.cat([F.pad(x, (0, longest - x.shape[-1]), value=-1) if x.dtype == torch.long else x for x in inputs])
+
+
 # --- The FixMatch loss ---
 def masked_ce_reference(logits_s, probs_w, tau, beta):
     """The definition of `sslkernels.masked_ce`: mask * CE(logits_s, argmax probs_w), mask = 1[conf >= tau] (beta = inf)
@@ -454,6 +665,25 @@ def fixmatch_loss(logits, y_l, args):
 
 
 # --- Optimisation, evaluation, the run's folder ---
+def make_adamw(model, args):
+    """--optimizer adamw (USB's fine-tuning): AdamW without weight decay on biases and norms (the 1-D tensors); a layer-
+    wise lr decay, layer_decay^(L + 1 - depth) with depth 0 the embeddings, l + 1 the encoder's block l of L, and
+    L + 1 the rest (the final norm, the head: lr itself); lr warmed up linearly from 0 over --lr-warmup steps, then
+    decayed as cos(7 pi t / 16 T') over the T' steps left (USB). A network from scratch has no blocks: one lr."""
+    depth = {n: (0 if ".embeddings." in n else int(m[1]) + 1 if (m := re.search(r"\.layers?\.(\d+)\.", n)) else None)
+             for n, _ in model.named_parameters()}
+    top = max([d for d in depth.values() if d is not None], default=-1) + 1
+    groups = {}
+    for n, p in model.named_parameters():
+        d, decay = top if depth[n] is None else depth[n], p.ndim > 1
+        groups.setdefault((-d, not decay), {"params": [], "lr": args.lr * args.layer_decay ** (top - d),
+                                            "weight_decay": args.weight_decay if decay else 0.0})["params"].append(p)
+    optimizer = torch.optim.AdamW([groups[k] for k in sorted(groups)], lr=args.lr)  # the head's group first: its lr is logged
+    rest = max(1, args.total_steps - args.lr_warmup)
+    schedule = lambda t: t / args.lr_warmup if t < args.lr_warmup else math.cos(7 * math.pi * (t - args.lr_warmup) / (16 * rest))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
 def make_optimizer(model, args):
     """SGD Nesterov; no weight decay on BatchNorm parameters and biases (all the 1-D tensors)."""
     params = list(model.parameters())
@@ -626,43 +856,43 @@ def train(args):
         torch.set_num_threads(args.threads)
     random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic  # else cuDNN may pick algorithms whose atomics vary
-    train_x, train_y, test_x, test_y, classes, mean, std = load_data(args)
+    encoder = load_encoder(args.pretrained) if args.pretrained else None
+    train_x, train_y, test_x, test_y, classes, mean, std = load_data(args, encoder)
     labeled_idx, unlabeled_idx, val_idx = split_labeled(train_y, classes, args, np.random.default_rng(args.seed))
     check(len(unlabeled_idx) or args.labeled_only, "no training sample is left for the unlabeled set: use fewer "
           "--labels / --val-labels, no --exclude-labeled, or --labeled-only")
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    mean, std = (torch.tensor(v, dtype=torch.float32, device=device).view(1, -1, 1, 1) for v in (mean, std))
-    # uint8 (N, H, W, C) -> normalised float (N, C, H, W) on the device
-    prepare = lambda x: ((x.to(device, non_blocking=True).permute(0, 3, 1, 2).float() / 255 - mean) / std).contiguous(
-        memory_format=memory_format)
+    prepare = input_pipeline(args, mean, std, encoder, device)  # a batch as the network reads it, on the device
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and args.bf16)
     test_images, test_labels = torch.from_numpy(test_x), torch.from_numpy(test_y)
     val_images, val_labels = torch.from_numpy(train_x[val_idx]), torch.from_numpy(train_y[val_idx])
 
     # --- model, EMA, optimiser: the run's state, and its folder ---
-    model = NETS[args.net](train_x.shape[-1], classes)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = make_model(args, encoder, train_x.shape[-1], classes).to(device, memory_format=memory_format)
     try:  # a network too deep for the images fails here, in one line (eval mode: BatchNorm's statistics stay untouched)
         with torch.no_grad():
-            model.eval()(torch.zeros(2, *train_x.shape[3:], *train_x.shape[1:3]))
+            model.eval()(prepare(torch.from_numpy(train_x[:2])))
     except RuntimeError as e:
-        raise UserError(f"--net {args.net} does not fit the images of --dataset {args.dataset}: {str(e).splitlines()[0]}") from None
-    model = model.train().to(device, memory_format=memory_format)
+        raise UserError(f"{flag('pretrained') if args.pretrained else flag('net')} {args.pretrained or args.net} does not fit "
+                        f"the {'texts' if args.dataset == 'text' else 'images'} of --dataset {args.dataset}: {(str(e).strip().splitlines() or [''])[0]}") from None
+    model.train()
     ema_model = copy.deepcopy(model).requires_grad_(False)
-    optimizer, scheduler = make_optimizer(model, args)
+    optimizer, scheduler = make_adamw(model, args) if args.optimizer == "adamw" else make_optimizer(model, args)
     forward = torch.compile(model) if args.compile else model
     state = {"model": model, "ema_model": ema_model, "optimizer": optimizer, "scheduler": scheduler}
     run = Run(args, {"labeled": labeled_idx.tolist(), "validation": val_idx.tolist(), "unlabeled_count": len(unlabeled_idx)},
               state, device)
+    weak, strong = augmentations(args, encoder)
     loader = torch.utils.data.DataLoader(  # own generator: creating the iterator must not consume the global RNG
         range(run.first_step, args.total_steps), batch_size=None, generator=torch.Generator(), worker_init_fn=worker_init,
         collate_fn=functools.partial(make_batch, images=train_x, labels=train_y, labeled_idx=labeled_idx,
-                                     unlabeled_idx=unlabeled_idx, args=args, flip=DATASETS[args.dataset][5]),
+                                     unlabeled_idx=unlabeled_idx, args=args, weak=weak, strong=strong),
         num_workers=args.workers, persistent_workers=args.workers > 0, prefetch_factor=4 if args.workers else None,
         pin_memory=device.type == "cuda")
 
     # --- the training loop ---
     print(f"[{ALGORITHM}] {args.dataset}: {len(labeled_idx)} labeled, {len(unlabeled_idx)} unlabeled, {len(test_y)} test | "
-          f"net {args.net} on {device} | {'sslkernels' if sslkernels else 'no extension (pure PyTorch)'} | output {run.out}")
+          f"net {args.net or Path(args.pretrained).name} on {device} | {'sslkernels' if sslkernels else 'no extension (pure PyTorch)'} | output {run.out}")
     last_step = args.total_steps if args.stop_after <= 0 else min(args.total_steps, run.first_step + args.stop_after)
     sums, n_logged, eval_result, stop_signals = None, 0, None, []
     batches, window_start = iter(loader), time.perf_counter()
@@ -677,7 +907,7 @@ def train(args):
                 break
             x_l, y_l = prepare(batch["x_l"]), batch["y_l"].to(device, non_blocking=True)
             # labeled, weak and strong views in ONE forward: BatchNorm sees them together
-            inputs = x_l if args.labeled_only else torch.cat([x_l, prepare(batch["x_uw"]), prepare(batch["x_us"])])
+            inputs = x_l if args.labeled_only else join([x_l, prepare(batch["x_uw"]), prepare(batch["x_us"])])
             with autocast():
                 logits = forward(inputs).float()
             if args.labeled_only:

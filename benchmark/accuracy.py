@@ -48,6 +48,8 @@ CONFIGS = {
     # Meta-T at its own defaults (Table 6's batch, 32 + 192, and step decay), with the row's meta-gradient.
     "meta_t_fd_table6": ("meta_t", FIRST_ORDER),
     "meta_t_jvp_table6": ("meta_t", ["--meta-grad", "jvp"]),
+    # at all its own defaults: with --pretrained, USB's fine-tuning batch and optimiser (the text table)
+    "meta_t_defaults": ("meta_t", []),
     "green_meta_t_fd_k4_table6": ("meta_t", [*FIRST_ORDER, "--meta-interval", "4"]),
     # Their control: FixMatch (and tau = 0.5) with that smaller batch, so the batch and the method can be told apart.
     "fixmatch_batch32": ("fixmatch", ["--batch-size", "32", "--uratio", "6"]),

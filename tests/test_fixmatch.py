@@ -98,7 +98,8 @@ def test_batches_are_a_function_of_seed_and_step(fixmatch, tmp_path):
     x = np.random.default_rng(0).integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)
     y = np.arange(40) % 4
     args = fixmatch.parse_args(tiny(tmp_path, "--total-steps", "10"))
-    batch = lambda step: fixmatch.make_batch(step, x, y, np.arange(8), np.arange(40), args, True)
+    weak, strong = fixmatch.augmentations(args, None)
+    batch = lambda step: fixmatch.make_batch(step, x, y, np.arange(8), np.arange(40), args, weak, strong)
     first, again = batch(7), batch(7)  # another worker, or a resumed run
     for key in ("x_l", "y_l", "x_uw", "x_us", "idx_u"):
         assert torch.equal(first[key], again[key])

@@ -29,8 +29,8 @@ def test_definitions_shared_with_fixmatch_are_verbatim_copies():
     fixmatch = top_level_definitions(ROOT / "algorithms" / "fixmatch.py")
     meta_semi = top_level_definitions(ROOT / "algorithms" / "meta_semi.py")
     changed = sorted(name for name in fixmatch.keys() & meta_semi.keys() if fixmatch[name] != meta_semi[name])
-    assert changed == ["Args", "make_batch", "make_optimizer", "parse_args", "train"]  # flags, no strong view, schedule, step
-    assert sorted(fixmatch.keys() - meta_semi.keys()) == ["fixmatch_loss", "masked_ce_reference", "strong_augment"]
+    assert changed == ["Args", "augmentations", "make_batch", "make_optimizer", "parse_args", "train"]  # flags, no strong view, schedule, step
+    assert sorted(fixmatch.keys() - meta_semi.keys()) == ["fixmatch_loss", "masked_ce_reference", "strong_augment", "strong_text"]
 
 
 def tiny_problem(dtype=torch.float64, batchnorm=False):
@@ -180,7 +180,7 @@ def test_unlabeled_batch_has_one_weak_view_and_leaves_the_labeled_samples_out(me
     train_x, train_y, *_ = meta_semi.load_data(args)
     labeled, unlabeled, _ = meta_semi.split_labeled(train_y, 4, args, np.random.default_rng(0))
     assert not set(labeled) & set(unlabeled) and len(labeled) + len(unlabeled) == len(train_y)
-    batch = meta_semi.make_batch(3, train_x, train_y, labeled, unlabeled, args, flip=True)
+    batch = meta_semi.make_batch(3, train_x, train_y, labeled, unlabeled, args, meta_semi.augmentations(args, None))
     assert sorted(batch) == ["x_l", "x_u", "y_l", "y_u"] and batch["x_u"].shape == batch["x_l"].shape
 
 
