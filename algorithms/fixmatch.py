@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageOps
@@ -87,7 +88,8 @@ class Args:
     labeled_only: bool = arg(False, "supervised baseline: labeled loss only, same pipeline")
     # run
     seed: int = arg(0, "seed of every RNG (split, data order, augmentation, init)", (lambda v: 0 <= v < 2**32, "in [0, 2^32)"))
-    device: str = arg("", "cuda | cuda:<index> | cpu; empty = cuda when available")
+    device: str = arg("", "cuda | cuda:<index> | cpu; empty = cuda when available (under torchrun: cuda or cpu, each rank on the GPU of its local rank)")
+    sync_bn: bool = arg(False, "under torchrun, BatchNorm normalises with the statistics of the global batch, not of each rank's share (off: USB's default); no effect in one process")
     torch_deterministic: bool = arg(True, "cuDNN uses deterministic convolution algorithms only (CUDA; as CleanRL)")
     workers: int = arg(min(4, CORES), "data-loading processes (0 = none); the default is this machine's cores, at most 4", NON_NEGATIVE)
     threads: int = arg(0, "CPU threads of the training process; 0 = torch's default (all cores)", NON_NEGATIVE)
@@ -350,7 +352,7 @@ def split_labeled(y, classes, args, rng):
 
 
 # --- Augmentation: each function draws from an explicit random.Random, so that a batch is a pure function of
-# (seed, step), and resume restores the data exactly, whatever the number of workers ---
+# (seed, step), and resume restores the data exactly, whatever the number of workers and ranks ---
 @functools.lru_cache(maxsize=None)
 def _reflect(start, size):
     """Indices start, start+1, ... (size of them) into an axis of length `size`, mirrored at its ends as np.pad's reflect."""
@@ -455,23 +457,29 @@ def sample_indices(n, count, step, seed, stream):
     return out
 
 
-def augmentation_rng(seed, step):
-    """The random.Random of step `step`'s augmentations, keyed by (seed, step) alone: seed * 1_000_003 + step, as always
-    (earlier runs repeat), until that would repeat seed + 1's keys; then 2^96 + seed * 2^64 + step, above all of those."""
-    return random.Random(seed * 1_000_003 + step if step < 1_000_003 else 2**96 + (seed << 64) + step)
+def sample_rng(seed, step, view, position):
+    """The random.Random of one view of one sample of step `step`'s global batch (view 0: labeled, 1: unlabeled weak,
+    2: unlabeled strong; position: in the global batch), keyed by these alone: a batch is the same whichever worker,
+    and however many ranks, draw it."""
+    return random.Random(f"{seed}/{step}/{view}/{position}")
 
 
-def make_batch(step, images, labels, labeled_idx, unlabeled_idx, args, weak, strong):
-    """The batch of step `step` (labeled weak view, unlabeled weak and strong views: uint8 images or token ids), from
-    (seed, step) alone."""
-    rng = augmentation_rng(args.seed, step)
-    views = lambda idx, augment: torch.from_numpy(np.stack([augment(images[i], rng) for i in idx]))
-    lab = labeled_idx[sample_indices(len(labeled_idx), args.batch_size, step, args.seed, 0)]
-    batch = {"x_l": views(lab, weak), "y_l": torch.from_numpy(labels[lab])}
+def make_batch(step, images, labels, labeled_idx, unlabeled_idx, args, weak, strong, shard=(0, 1)):
+    """Step `step`'s batch (labeled weak view, unlabeled weak and strong views: uint8 images or token ids), from (seed,
+    step) alone; shard (rank, ranks): rank r of N takes the r-th of N equal slices of the batch one process draws.
+    idx_u: the unlabeled samples of the whole global batch."""
+    rank, ranks = shard
+    share = lambda n: np.arange(rank * n // ranks, (rank + 1) * n // ranks)  # positions in the global batch
+    views = lambda idx, positions, view, augment: torch.from_numpy(np.stack(
+        [augment(images[i], sample_rng(args.seed, step, view, p)) for i, p in zip(idx, positions)]))
+    at_l = share(args.batch_size)
+    lab = labeled_idx[sample_indices(len(labeled_idx), args.batch_size, step, args.seed, 0)[at_l]]
+    batch = {"x_l": views(lab, at_l, 0, weak), "y_l": torch.from_numpy(labels[lab])}
     if not args.labeled_only:
-        u = sample_indices(len(unlabeled_idx), args.batch_size * args.uratio, step, args.seed, 1)
-        batch.update(x_uw=views(unlabeled_idx[u], weak), x_us=views(unlabeled_idx[u], strong),
-                     y_u=torch.from_numpy(labels[unlabeled_idx[u]]), idx_u=torch.from_numpy(u))
+        u, at_u = sample_indices(len(unlabeled_idx), args.batch_size * args.uratio, step, args.seed, 1), share(args.batch_size * args.uratio)
+        unl = unlabeled_idx[u[at_u]]
+        batch.update(x_uw=views(unl, at_u, 1, weak), x_us=views(unl, at_u, 2, strong), y_u=torch.from_numpy(labels[unl]),
+                     idx_u=torch.from_numpy(u))
     return batch
 
 
@@ -655,13 +663,152 @@ masked_ce = sslkernels.masked_ce if sslkernels is not None else masked_ce_refere
 
 def fixmatch_loss(logits, y_l, args):
     """Sec. 2.2: L = CE(labeled) + lambda_u * mean over mu*B of 1[max p_w >= tau] * CE(strong, argmax p_w)."""
-    n_u = args.batch_size * args.uratio
-    logits_l, logits_uw, logits_us = torch.split(logits, [args.batch_size, n_u, n_u])
+    n_u = (len(logits) - len(y_l)) // 2  # this rank's share of mu * B (all of it in one process)
+    logits_l, logits_uw, logits_us = torch.split(logits, [len(y_l), n_u, n_u])
     loss_s = F.cross_entropy(logits_l, y_l)
     probs_w = torch.softmax(logits_uw.detach(), dim=1)
     loss_u, mask, pseudo_label = masked_ce(logits_us, probs_w, args.tau, math.inf)
     loss_u = loss_u.mean()
     return loss_s + args.lambda_u * loss_u, {"loss_s": loss_s, "loss_u": loss_u}, mask, pseudo_label
+
+
+# --- Several processes (torchrun): each rank trains on its share of the global batch; DistributedDataParallel averages
+# the gradients, and what a method computes over the batch is summed over the ranks, so N ranks train what one does ---
+def init_distributed(args):
+    """Under torchrun (which sets RANK, LOCAL_RANK and WORLD_SIZE): join its process group, NCCL between GPUs and gloo on
+    the CPU, each rank on the GPU of its local rank. Returns the device, and a gloo group for the ranks' decisions (stop
+    or go), which then wait for no GPU; a plain run: --device, no group."""
+    if "LOCAL_RANK" not in os.environ:
+        return torch.device(args.device), None
+    local_rank, ranks = int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    check(args.device in ("cpu", "cuda"), f"under torchrun each rank runs on the GPU of its local rank: --device cuda or cpu, not {args.device}")
+    check(args.batch_size % ranks == 0, f"--batch-size {args.batch_size} must be a multiple of the {ranks} ranks, which share the "
+          "global batch evenly (the labeled batch, and so the unlabeled one, mu times larger)")
+    device = torch.device("cpu" if args.device == "cpu" else f"cuda:{local_rank}")
+    if device.type == "cuda":
+        check(local_rank < torch.cuda.device_count(), f"local rank {local_rank}, but this machine has "
+              f"{torch.cuda.device_count()} CUDA device(s): --nproc-per-node at most that")
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    return device, dist.new_group(backend="gloo") if device.type == "cuda" else None
+
+
+def rank_and_ranks():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+class SumOverRanks(torch.autograd.Function):
+    """x summed over the ranks, with its gradients: the sum is linear, so its gradient (also the second, through the
+    backward) is the ranks' gradients summed, and its tangent in forward mode the ranks' tangents summed."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return SumOverRanks.apply(grad)
+
+    @staticmethod
+    def jvp(ctx, tangent):
+        return SumOverRanks.apply(tangent)
+
+
+def sum_over_ranks(x):
+    """x summed over the ranks, differentiably (x on the device: NCCL sums GPU tensors); x itself in one process."""
+    return SumOverRanks.apply(x) if dist.is_initialized() else x
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """--sync-bn: BatchNorm whose training-mode statistics are the global batch's, the ranks' sums added up by
+    differentiable all-reduces (so that the meta steps' second and forward-mode derivatives pass too; torch's
+    SyncBatchNorm runs on GPUs only); eval mode, and one process: BatchNorm. The same parameters and buffers."""
+
+    def _check_input_dim(self, x):
+        if x.dim() < 2:
+            raise ValueError(f"BatchNorm expects (N, C, ...) inputs, got {tuple(x.shape)}")
+
+    def forward(self, x):
+        if not (self.training and dist.is_initialized()):
+            return super().forward(x)
+        dims, shape = [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16 under autocast: sums in float32
+        sums = sum_over_ranks(torch.cat([x32.sum(dims), x32.new_full((1,), x.numel() / x.shape[1])]))
+        mean, count = sums[:-1] / sums[-1], sums[-1]
+        centred = x32 - mean.view(shape)
+        var = sum_over_ranks(centred.square().sum(dims)) / count  # two passes, as exact as one process's
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                momentum = self.momentum if self.momentum is not None else 1 / self.num_batches_tracked.item()
+                self.running_mean.lerp_(mean.detach(), momentum)
+                self.running_var.lerp_(var.detach() * count / (count - 1), momentum)  # unbiased, as BatchNorm
+        y = centred * torch.rsqrt(var + self.eps).view(shape)
+        return (y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y).to(x.dtype)
+
+
+def with_global_batch_norm(module):
+    """module with its BatchNorms replaced by GlobalBatchNorms of the same settings, parameters and statistics."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            bn = GlobalBatchNorm(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
+            bn.load_state_dict(child.state_dict())
+            setattr(module, name, bn)
+        else:
+            with_global_batch_norm(child)
+    return module
+
+
+def all_ranks_sum(t):
+    """t (no gradient) summed over the ranks, back on its own device; t itself in one process."""
+    if not dist.is_initialized():
+        return t
+    summed = t.to("cuda" if dist.get_backend() == "nccl" else "cpu", copy=True)
+    dist.all_reduce(summed)
+    return summed.to(t.device)
+
+
+def mean_over_ranks(tensors):
+    """The tensors (no gradient: parameters' gradients, say) averaged over the ranks in place, in one all-reduce."""
+    if dist.is_initialized() and tensors:
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat)
+        for t, mean in zip(tensors, flat.div_(dist.get_world_size()).split([t.numel() for t in tensors])):
+            t.copy_(mean.view_as(t))
+    return tensors
+
+
+def all_ranks_cat(t):
+    """The ranks' t (no gradient) concatenated in rank order: the global batch's rows; t itself in one process."""
+    if not dist.is_initialized():
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+def any_rank(flag, group):
+    """Whether the flag is set on some rank: the same answer on every rank, so that the ranks stop together."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor(int(flag))
+    dist.all_reduce(t, dist.ReduceOp.MAX, group=group)
+    return bool(t)
+
+
+def from_rank_0(tensors):
+    """The tensors set to rank 0's values on every rank (in one process: unchanged)."""
+    for t in tensors if dist.is_initialized() else ():
+        dist.broadcast(t, 0)
+
+
+def seed_rank(seed, rank, step):
+    """The RNGs of rank > 0 (dropout's, and so on), distinct from rank 0's, which continue a plain run's stream; also the
+    way a run resumed on another number of ranks seeds them, from its step."""
+    key = [int(k) for k in np.random.SeedSequence([seed, rank, step]).generate_state(3)]
+    random.seed(key[0]), np.random.seed(key[1]), torch.manual_seed(key[2])
 
 
 # --- Optimisation, evaluation, the run's folder ---
@@ -711,14 +858,19 @@ def ema_update(ema_model, model, decay, step):
 
 @torch.no_grad()
 def evaluate(model, images, labels, classes, args, prepare, autocast):
-    """Top-1, balanced accuracy (mean of per-class recalls) and per-class accuracy."""
+    """Top-1, balanced accuracy (mean of per-class recalls) and per-class accuracy. Under torchrun each rank predicts
+    its share of the images, and the ranks add up their counts."""
+    rank, ranks = rank_and_ranks()
+    first, end = rank * len(images) // ranks, (rank + 1) * len(images) // ranks
     model.eval()
     with autocast():
-        preds = [model(prepare(images[i:i + args.eval_batch_size])).argmax(1).cpu() for i in range(0, len(images), args.eval_batch_size)]
+        preds = [model(prepare(images[i:min(i + args.eval_batch_size, end)])).argmax(1).cpu() for i in range(first, end, args.eval_batch_size)]
     model.train()
-    correct = (torch.cat(preds) == labels).float()
-    per_class = [correct[labels == c].mean().item() if (labels == c).any() else float("nan") for c in range(classes)]
-    return {"top1": correct.mean().item(), "balanced_acc": float(np.nanmean(per_class)), "per_class_acc": per_class}
+    labels = labels[first:end]
+    correct = torch.cat(preds) == labels if preds else torch.zeros(0, dtype=torch.bool)
+    counts = all_ranks_sum(torch.stack([torch.bincount(labels[correct], minlength=classes), torch.bincount(labels, minlength=classes)]))
+    per_class = [(c / n).item() if n else float("nan") for c, n in counts.double().T]
+    return {"top1": (counts[0].sum() / counts[1].sum()).item(), "balanced_acc": float(np.nanmean(per_class)), "per_class_acc": per_class}
 
 
 def json_safe(x):  # NaN (e.g. a pseudo-label accuracy when nothing was selected) and infinities as null: JSON has neither
@@ -756,10 +908,13 @@ class Run:
     """The run's folder (split.json, metrics.jsonl, TensorBoard's events, checkpoint.pt, summary.json) and its state:
     the objects in `state` (modules, optimizers, schedulers, tensors: a method adds its own), the RNGs, the best top-1.
     A fresh run never replaces another's checkpoint unless --overwrite; --resume continues the run in its folder,
-    wherever that was moved, with its records up to the checkpoint, once the flags and the data are found the same."""
+    wherever that was moved, with its records up to the checkpoint, once the flags and the data are found the same.
+    Under torchrun every rank checks and loads the checkpoint (with several nodes, the run's folder must be one that
+    every node sees), and rank 0 alone writes."""
 
     def __init__(self, args, split, state, device):
         self.args, self.state, self.device, self.saved_step = args, state, device, None
+        self.rank, ranks = rank_and_ranks()
         ckpt = load_checkpoint(args.resume) if args.resume else None
         if ckpt:
             run_dir = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
@@ -783,31 +938,40 @@ class Run:
         check(ckpt or args.overwrite or not (out / "checkpoint.pt").exists(), f"{out} holds an earlier run's checkpoint: "
               f"--resume {out} continues it, --overwrite replaces it with this run, or choose another --output-dir")
         try:
-            out.mkdir(parents=True, exist_ok=True)
-            write_atomically(out / "split.json", lambda f: f.write_text(json.dumps(split)))
+            if self.rank == 0:
+                out.mkdir(parents=True, exist_ok=True)
+                write_atomically(out / "split.json", lambda f: f.write_text(json.dumps(split)))
         except OSError as e:
             raise UserError(f"cannot write to --output-dir {out}: {e.strerror or e}") from None
         # the run's records up to its checkpoint (not the later or cut-short lines of a stopped run); none beside a fresh run
         logged = (out / "metrics.jsonl").read_text().splitlines() if ckpt and (out / "metrics.jsonl").exists() else []
         kept = "".join(l + "\n" for l in logged if (m := re.fullmatch(r'{"step": (\d+), .*}', l)) and int(m[1]) <= ckpt["step"])
-        write_atomically(out / "metrics.jsonl", lambda f: f.write_text(kept))
-        for earlier in ("checkpoint.pt", "summary.json") if not ckpt else ():
+        for earlier in ("checkpoint.pt", "summary.json") if not ckpt and self.rank == 0 else ():
             (out / earlier).unlink(missing_ok=True)
-        self.writer = importlib.import_module("torch.utils.tensorboard").SummaryWriter(str(out)) if args.tensorboard else None
+        if self.rank == 0:
+            write_atomically(out / "metrics.jsonl", lambda f: f.write_text(kept))
+        self.writer = importlib.import_module("torch.utils.tensorboard").SummaryWriter(str(out)) if args.tensorboard and self.rank == 0 else None
         for k, obj in state.items() if ckpt else ():
             obj.load_state_dict(ckpt[k]) if hasattr(obj, "load_state_dict") else obj.copy_(ckpt[k])
-        if ckpt:  # last: building the model and the method's state drew from the RNGs
-            rng = ckpt["rng"]
+        # last: building the model and the method's state drew from the RNGs. Rank r > 0 continues its own stream on the
+        # same number of ranks; on another, or in a fresh run, it is seeded apart from rank 0
+        rng = ckpt and ([ckpt["rng"], *ckpt.get("rng_other_ranks", [])] if len(ckpt.get("rng_other_ranks", [])) == ranks - 1 else [ckpt["rng"]])
+        if rng and self.rank < len(rng):
+            rng = rng[self.rank]
             random.setstate(rng["python"]), np.random.set_state(rng["numpy"]), torch.set_rng_state(rng["torch"])
             if rng["cuda"] is not None and device.type == "cuda":  # a CPU run resumed on a GPU keeps the seeded one
                 torch.cuda.set_rng_state(rng["cuda"], device)
+        elif self.rank:
+            seed_rank(args.seed, self.rank, ckpt["step"] if ckpt else 0)
         self.first_step, self.best_top1, self.seconds_before = (ckpt["step"], ckpt["best_top1"], ckpt["seconds"]) if ckpt else (0, None, 0.0)
         self.start_time = time.perf_counter()
 
     def seconds(self):
         return self.seconds_before + time.perf_counter() - self.start_time
 
-    def log(self, record, note=""):  # to metrics.jsonl, TensorBoard, and the console (numbers only)
+    def log(self, record, note=""):  # to metrics.jsonl, TensorBoard, and the console (numbers only); by rank 0
+        if self.rank:
+            return
         with (self.out / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(json_safe(record)) + "\n")
         print(f"[{ALGORITHM}] {record['kind']} step {record['step']}/{self.args.total_steps}: " + ", ".join(
@@ -816,17 +980,25 @@ class Run:
             if isinstance(v, (int, float)) and k != "step":
                 self.writer.add_scalar(f"{record['kind']}/{k}", v, record["step"])
 
-    def save(self, step):
+    def save(self, step, group=None):  # by rank 0, with every rank's RNGs (group: where they are gathered)
         self.saved_step = step
+        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),  # the
+               "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}  # run's GPU's
+        ranks_rng = [None] * rank_and_ranks()[1]
+        if dist.is_initialized():
+            dist.all_gather_object(ranks_rng, rng, group=group)
+        if self.rank:
+            return
         checkpoint = {
             **{k: obj.state_dict() if hasattr(obj, "state_dict") else obj for k, obj in self.state.items()},
-            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),  # the
-                    "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None},  # run's GPU's
+            "rng": rng, **({"rng_other_ranks": ranks_rng[1:]} if dist.is_initialized() else {}),
             "algorithm": ALGORITHM, "step": step, "best_top1": self.best_top1,
             "seconds": self.seconds(), "args": dataclasses.asdict(self.args)}
         write_atomically(self.out / "checkpoint.pt", lambda f: torch.save(checkpoint, f))
 
     def finish(self, summary):
+        if self.rank:
+            return
         write_atomically(self.out / "summary.json", lambda f: f.write_text(json.dumps(json_safe(summary), indent=2)))
         if self.writer:
             self.writer.close()
@@ -834,9 +1006,11 @@ class Run:
 
 @contextlib.contextmanager
 def deferred_stop_signals(received):
-    """Ctrl-C or SIGTERM appends its name to `received`: the loop ends its step, checkpoints, stops. A second stops now."""
+    """Ctrl-C or SIGTERM appends its name to `received`: the loop ends its step, checkpoints, stops. A second stops now,
+    but under torchrun, which passes each signal it gets on to the ranks (so that a rank may get Ctrl-C twice) and kills
+    them itself 30 s later."""
     def handler(signum, frame):
-        if received:
+        if received and "LOCAL_RANK" not in os.environ:
             raise KeyboardInterrupt
         received.append(signal.Signals(signum).name)
 
@@ -851,7 +1025,8 @@ def deferred_stop_signals(received):
 # --- Training ---
 def train(args):
     # --- seeds, data ---
-    device = torch.device(args.device)
+    device, control = init_distributed(args)  # torchrun's ranks, or one process
+    rank, ranks = rank_and_ranks()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
@@ -868,7 +1043,8 @@ def train(args):
 
     # --- model, EMA, optimiser: the run's state, and its folder ---
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    model = make_model(args, encoder, train_x.shape[-1], classes).to(device, memory_format=memory_format)
+    model = make_model(args, encoder, train_x.shape[-1], classes)
+    model = (with_global_batch_norm(model) if args.sync_bn and ranks > 1 else model).to(device, memory_format=memory_format)
     try:  # a network too deep for the images fails here, in one line (eval mode: BatchNorm's statistics stay untouched)
         with torch.no_grad():
             model.eval()(prepare(torch.from_numpy(train_x[:2])))
@@ -878,7 +1054,11 @@ def train(args):
     model.train()
     ema_model = copy.deepcopy(model).requires_grad_(False)
     optimizer, scheduler = make_adamw(model, args) if args.optimizer == "adamw" else make_optimizer(model, args)
-    forward = torch.compile(model) if args.compile else model
+    forward = model
+    if dist.is_initialized():  # averages the gradients over the ranks; a pretrained encoder may hold unused parameters
+        forward = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                      find_unused_parameters=bool(args.pretrained))
+    forward = torch.compile(forward) if args.compile else forward
     state = {"model": model, "ema_model": ema_model, "optimizer": optimizer, "scheduler": scheduler}
     run = Run(args, {"labeled": labeled_idx.tolist(), "validation": val_idx.tolist(), "unlabeled_count": len(unlabeled_idx)},
               state, device)
@@ -886,13 +1066,15 @@ def train(args):
     loader = torch.utils.data.DataLoader(  # own generator: creating the iterator must not consume the global RNG
         range(run.first_step, args.total_steps), batch_size=None, generator=torch.Generator(), worker_init_fn=worker_init,
         collate_fn=functools.partial(make_batch, images=train_x, labels=train_y, labeled_idx=labeled_idx,
-                                     unlabeled_idx=unlabeled_idx, args=args, weak=weak, strong=strong),
+                                     unlabeled_idx=unlabeled_idx, args=args, weak=weak, strong=strong, shard=(rank, ranks)),
         num_workers=args.workers, persistent_workers=args.workers > 0, prefetch_factor=4 if args.workers else None,
         pin_memory=device.type == "cuda")
 
     # --- the training loop ---
-    print(f"[{ALGORITHM}] {args.dataset}: {len(labeled_idx)} labeled, {len(unlabeled_idx)} unlabeled, {len(test_y)} test | "
-          f"net {args.net or Path(args.pretrained).name} on {device} | {'sslkernels' if sslkernels else 'no extension (pure PyTorch)'} | output {run.out}")
+    if rank == 0:
+        print(f"[{ALGORITHM}] {args.dataset}: {len(labeled_idx)} labeled, {len(unlabeled_idx)} unlabeled, {len(test_y)} test | "
+              f"net {args.net or Path(args.pretrained).name} on {device}{f' x {ranks} ranks' if ranks > 1 else ''} | "
+              f"{'sslkernels' if sslkernels else 'no extension (pure PyTorch)'} | output {run.out}")
     last_step = args.total_steps if args.stop_after <= 0 else min(args.total_steps, run.first_step + args.stop_after)
     sums, n_logged, eval_result, stop_signals = None, 0, None, []
     batches, window_start = iter(loader), time.perf_counter()
@@ -903,7 +1085,9 @@ def train(args):
             except Exception:
                 if not stop_signals:
                     raise
-                last_step = step - 1  # the workers ended with the signal: stop before this step
+                batch = None  # the workers ended with the signal
+            if any_rank(batch is None, control):  # stop before this step, on every rank
+                last_step = step - 1
                 break
             x_l, y_l = prepare(batch["x_l"]), batch["y_l"].to(device, non_blocking=True)
             # labeled, weak and strong views in ONE forward: BatchNorm sees them together
@@ -931,9 +1115,11 @@ def train(args):
             # summed on the device and read once per log interval: no host sync on the hot path
             values = torch.stack([loss.detach(), *(v.detach().float() for v in stats.values())])
             sums, n_logged = values if sums is None else sums + values, n_logged + 1
-            stopping = bool(stop_signals)  # read once: the step that sees a signal is logged, checkpointed, the last
+            # read once, by all ranks alike: the step that sees a signal is logged, checkpointed, the last
+            stopping = any_rank(bool(stop_signals), control)
             if step % args.log_every == 0 or step == last_step or stopping:
-                w = {k: v / n_logged for k, v in zip(["loss", *stats], sums.tolist())}  # means over the interval
+                mean_over_ranks([sums])  # means over the interval and the ranks
+                w = {k: v / n_logged for k, v in zip(["loss", *stats], sums.tolist())}
                 rec = {"step": step, "kind": "train", "lr": lr, **{k: w[k] for k in ("loss", "loss_s", "loss_u", "mask_rate") if k in w}}
                 if "known" in w:  # accuracy of the selected pseudo-labels, and of all of them
                     rec["pseudo_label_acc"] = w["selected_correct"] / w["selected"] if w["selected"] else float("nan")
@@ -942,18 +1128,19 @@ def train(args):
                 run.log(rec, f"ETA {(last_step - step) / rate / 60:.1f} min")
                 sums, n_logged, window_start = None, 0, time.perf_counter()
             if step % args.eval_every == 0 or step == args.total_steps:
+                from_rank_0(ema_model.buffers())  # without --sync-bn each rank's BatchNorm statistics are its own
                 eval_result = evaluate(ema_model, test_images, test_labels, classes, args, prepare, autocast)
                 if len(val_idx):  # also in summary.json: a model chosen by it has not seen the test set
                     val = evaluate(ema_model, val_images, val_labels, classes, args, prepare, autocast)
                     eval_result.update(val_top1=val["top1"], val_balanced_acc=val["balanced_acc"])
                 run.best_top1 = max(eval_result["top1"], run.best_top1 or 0.0)
                 run.log({"step": step, "kind": "eval", **eval_result, "best_top1": run.best_top1})
-                run.save(step)
+                run.save(step, control)
             if stopping:
                 last_step = step
                 break
     if run.saved_step != last_step:  # a planned stop or a signal (also before any step): all needed to resume
-        run.save(last_step)
+        run.save(last_step, control)
     del batches
 
     summary = {"algorithm": ALGORITHM, "fused_kernels": sslkernels is not None,  # else the pure-PyTorch fallback
@@ -962,6 +1149,8 @@ def train(args):
                **(eval_result or dict.fromkeys(("top1", "balanced_acc", "per_class_acc"))), "best_top1": run.best_top1,
                "seconds": run.seconds(), "args": dataclasses.asdict(args)}
     run.finish(summary)
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return summary
 
 
@@ -970,9 +1159,15 @@ def main(argv=None):
         summary = train(parse_args(argv))
     except UserError as e:
         sys.exit(f"{ALGORITHM}.py: error: {e}")
-    if summary["stopped_by"]:
+    except (RuntimeError, dist.DistError) as e:  # under torchrun, another rank died: a collective failed (gloo) or timed out
+        if not dist.is_initialized() or not (isinstance(e, dist.DistError) or "gloo" in str(e)):
+            raise
+        sys.exit(f"{ALGORITHM}.py: error: rank {dist.get_rank()} lost touch with the other ranks ({(str(e).strip().splitlines() or [''])[0]}); "
+                 "torchrun's report names the rank that failed first")
+    if summary["stopped_by"] and os.environ.get("RANK", "0") == "0":
         print(f"[{ALGORITHM}] {summary['stopped_by']}: stopped after step {summary['steps']} with a checkpoint; "
               f"--resume {summary['args']['output_dir']} continues the run")
+    if summary["stopped_by"]:
         sys.exit(128 + signal.Signals[summary["stopped_by"]])  # the shell's code for a process ended by that signal
 
 

@@ -109,14 +109,11 @@ def test_batches_are_a_function_of_seed_and_step(fixmatch, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["fixmatch", "meta_t"])
-def test_augmentation_streams_are_distinct_across_seeds_and_steps(name):
-    draw = load_algorithm(name).augmentation_rng  # every algorithm file has its own copy
-    # earlier runs keep their augmentations: below step 1_000_003 the key is what it always was
-    assert draw(3, 17).random() == random.Random(3 * 1_000_003 + 17).random()
-    # that key gave seed 0's step 1_000_003 the stream of seed 1's step 0 (and so on up to the default T = 2^20)
-    assert draw(0, 1_000_003).random() != draw(1, 0).random()
-    pairs = [(s, t) for s in (0, 1, 2, 2**32 - 1) for t in (0, 1, 1_000_002, 1_000_003, 1_000_004, 2**20, 2_000_006)]
-    assert len({draw(s, t).random() for s, t in pairs}) == len(pairs)
+def test_augmentation_streams_are_distinct_across_seeds_steps_views_and_positions(name):
+    draw = load_algorithm(name).sample_rng  # every algorithm file has its own copy
+    keys = [(s, t, v, p) for s in (0, 1, 2**32 - 1) for t in (0, 1, 10, 2**20) for v in (0, 1, 2) for p in (0, 1, 11)]
+    assert len({draw(*key).random() for key in keys}) == len(keys)
+    assert draw(3, 17, 1, 5).random() == draw(3, 17, 1, 5).random()
 
 
 def test_augmentations_keep_shape_and_dtype(fixmatch):

@@ -122,7 +122,8 @@ def test_mixup_pairs_labeled_sample_i_with_unlabeled_sample_i(meta_semi, tmp_pat
     seen = {}
     for lam in (1.0, 0.0):
         inputs = []
-        monkeypatch.setattr(torch.distributions.Beta, "sample", lambda self, shape: torch.full(shape, lam))
+        real_batch = meta_semi.make_batch  # mixup's lambdas come with the batch
+        monkeypatch.setattr(meta_semi, "make_batch", lambda *a, **kw: {**(b := real_batch(*a, **kw)), "lam": torch.full_like(b["lam"], lam)})
         real = meta_semi.metasemi_loss
         monkeypatch.setattr(meta_semi, "metasemi_loss", lambda *a: real(*a))
         module_call = torch.nn.Module.__call__
@@ -181,7 +182,8 @@ def test_unlabeled_batch_has_one_weak_view_and_leaves_the_labeled_samples_out(me
     labeled, unlabeled, _ = meta_semi.split_labeled(train_y, 4, args, np.random.default_rng(0))
     assert not set(labeled) & set(unlabeled) and len(labeled) + len(unlabeled) == len(train_y)
     batch = meta_semi.make_batch(3, train_x, train_y, labeled, unlabeled, args, meta_semi.augmentations(args, None))
-    assert sorted(batch) == ["x_l", "x_u", "y_l", "y_u"] and batch["x_u"].shape == batch["x_l"].shape
+    assert sorted(batch) == ["lam", "x_l", "x_u", "y_l", "y_u"] and batch["x_u"].shape == batch["x_l"].shape
+    assert batch["lam"].shape == (args.batch_size,) and ((0 <= batch["lam"]) & (batch["lam"] <= 1)).all()
 
 
 def test_schedule_and_ramp_follow_the_official_code_at_its_length(meta_semi):
