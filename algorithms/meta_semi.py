@@ -1185,7 +1185,8 @@ def train(args):
                **(eval_result or dict.fromkeys(("top1", "balanced_acc", "per_class_acc"))), "best_top1": run.best_top1,
                "seconds": run.seconds(), "args": dataclasses.asdict(args)}
     run.finish(summary)
-    if dist.is_initialized():
+    if dist.is_initialized():  # once every rank is done: a rank that leaves first can make another's gloo abort
+        dist.barrier()
         dist.destroy_process_group()
     if args.plots:
         plot_diagnostics(run.out)

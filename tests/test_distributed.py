@@ -23,10 +23,12 @@ METHOD_STATE = ["ema_model", "tgn", "prob_bank", "tau_bank", "time_p", "p_model"
 
 
 def torchrun(name, argv, ranks=2, wait=True):
-    """algorithms/<name>.py under torchrun with `ranks` processes on this machine (a free port of its own)."""
+    """algorithms/<name>.py under torchrun with `ranks` processes on this machine (a free port of its own), in a
+    process group of its own, as a job in a terminal."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
                str(ROOT / "algorithms" / f"{name}.py"), *argv]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
     if not wait:
         return process
     output = process.communicate(timeout=600)[0]
@@ -161,17 +163,23 @@ def long_run(tmp_path, *extra):
     return tiny(tmp_path, "--total-steps", "100000", "--log-every", "5", "--eval-every", "1000", *extra)
 
 
-def test_sigterm_stops_every_rank_after_the_same_step_with_one_checkpoint(tmp_path):
-    """A scheduler's SIGTERM to torchrun, which passes it on to every rank: they agree on the step, rank 0 saves."""
+@pytest.mark.parametrize("signum, to_group", [(signal.SIGTERM, False), (signal.SIGINT, True)])
+def test_a_signal_stops_every_rank_after_the_same_step_with_one_checkpoint(signum, to_group, tmp_path):
+    """A scheduler's SIGTERM to torchrun, which passes it on to every rank; Ctrl-C in a terminal, which reaches every
+    process of the job (ranks and data workers), and torchrun passes it on once more. The ranks agree on the step,
+    rank 0 saves."""
     out = tmp_path / "run"
     process = torchrun("fixmatch", long_run(tmp_path, "--workers", "1"), wait=False)
     wait_for_training(process, out)
-    process.send_signal(signal.SIGTERM)
+    if to_group:
+        os.killpg(process.pid, signum)
+    else:
+        process.send_signal(signum)
     output = process.communicate(timeout=120)[0]
     assert process.returncode != 0  # torchrun reports the signal
     summary = json.loads((out / "summary.json").read_text())
     ckpt = checkpoint(out)
-    assert summary["stopped_by"] == "SIGTERM" and ckpt["step"] == summary["steps"] > 0
+    assert summary["stopped_by"] == signum.name and ckpt["step"] == summary["steps"] > 0
     assert len(ckpt["rng_other_ranks"]) == 1  # both ranks reached the checkpoint
     assert output.count("stopped after step") == 1, output[-3000:]  # rank 0 says so, once
     torchrun("fixmatch", ["--resume", str(out), "--stop-after", "2", "--workers", "0"])
