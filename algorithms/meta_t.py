@@ -1012,6 +1012,7 @@ def init_distributed(args):
 
 
 def rank_and_ranks():
+    """(this process's rank, the number of ranks): (0, 1) in a plain run."""
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
