@@ -816,15 +816,6 @@ def with_global_batch_norm(module):
     return module
 
 
-def all_ranks_sum(t):
-    """t (no gradient) summed over the ranks, back on its own device; t itself in one process."""
-    if not dist.is_initialized():
-        return t
-    summed = t.to("cuda" if dist.get_backend() == "nccl" else "cpu", copy=True)
-    dist.all_reduce(summed)
-    return summed.to(t.device)
-
-
 def mean_over_ranks(tensors):
     """The tensors (no gradient: parameters' gradients, say) averaged over the ranks in place, in one all-reduce."""
     if dist.is_initialized() and tensors:
@@ -923,7 +914,9 @@ def evaluate(model, images, labels, classes, args, prepare, autocast):
     model.train()
     labels = labels[first:end]
     correct = torch.cat(preds) == labels if preds else torch.zeros(0, dtype=torch.bool)
-    counts = all_ranks_sum(torch.stack([torch.bincount(labels[correct], minlength=classes), torch.bincount(labels, minlength=classes)]))
+    counts = torch.stack([torch.bincount(labels[correct], minlength=classes), torch.bincount(labels, minlength=classes)])
+    if dist.is_initialized():  # on the model's device: NCCL sums GPU tensors
+        counts = sum_over_ranks(counts.to(next(model.parameters()).device)).cpu()
     per_class = [(c / n).item() if n else float("nan") for c, n in counts.double().T]
     return {"top1": (counts[0].sum() / counts[1].sum()).item(), "balanced_acc": float(np.nanmean(per_class)), "per_class_acc": per_class}
 
